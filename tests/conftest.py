@@ -4,6 +4,7 @@ import pytest
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*')
 
 def pytest_configure(config):
+    config.addinivalue_line('filterwarnings', 'ignore:.*torch.jit.script.*:FutureWarning')
     config.addinivalue_line('markers', 'slow: long-running test (skipped with `-m "not slow"`; CI runs everything)')
 
 @pytest.fixture(autouse=True)
