@@ -6,9 +6,10 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_package.ipynb #5806b706
+# %% ../nbs/99_package.ipynb #65b81975
 from .layers import *
 from .blocks import *
 from .model import *
-from . import layers, blocks, model
-__all__ = layers.__all__ + blocks.__all__ + model.__all__
+from .convert import *
+from . import layers, blocks, model, convert
+__all__ = layers.__all__ + blocks.__all__ + model.__all__ + convert.__all__
