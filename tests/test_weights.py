@@ -142,12 +142,14 @@ def test_corrupt_file_with_matching_hash(monkeypatch, server, ours_b0):
     assert _unchanged(m, before)
 
 def test_wrong_variant(monkeypatch, server):
-    data = _bytes(efficientnet_b1(ndim=2, num_classes=1000).state_dict())
-    _serve_as(monkeypatch, server, 'imagenet', 'b0', data, source='effnet_fastai')
+    from efficientnet_pytorch import EfficientNet as LM
     m = efficientnet_b0(ndim=3, ni=1); before = _snapshot(m)
-    with pytest.raises(ValueError, match='does not hold EfficientNet-b0 ImageNet weights.*unexpected keys'):
-        load_pretrained(m, True, progress=False)
-    assert _unchanged(m, before)
+    for sd, src in ((efficientnet_b1(ndim=2, num_classes=1000).state_dict(), 'effnet_fastai'),
+                    (LM.from_name('efficientnet-b1').state_dict(), 'lukemelas')):
+        _serve_as(monkeypatch, server, 'imagenet', 'b0', _bytes(sd), source=src)
+        with pytest.raises(ValueError, match='does not hold EfficientNet-b0 ImageNet weights'):
+            load_pretrained(m, True, progress=False)
+        assert _unchanged(m, before)
 
 def test_offline_message(monkeypatch, hub):
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]  # nothing listens there
@@ -283,3 +285,14 @@ def test_inflated_kernels_follow_the_model(b0_file, ours_b0):
     assert torch.equal(m.stage1[0].depthwise[0].weight[:, :, 0], ref.stage1[0].depthwise[0].weight)
     with pytest.raises(ValueError, match=r'stage1.0.depthwise.0.weight.*cannot build a \(3, 5, 5\) kernel'):
         efficientnet_b0(pretrained=b0_file, ndim=3, kernels=[(3,5,5)] + ks[1:])
+
+def test_monai_file(tmp_path):
+    "A MONAI checkpoint is recognised by its keys (blocks nested by stage) and gives MONAI's logits at its 224 px"
+    from monai.networks.nets import EfficientNetBN
+    torch.manual_seed(4)
+    mo = EfficientNetBN('efficientnet-b0', spatial_dims=2, pretrained=False).eval()
+    f = tmp_path/'monai_b0.pth'; torch.save(mo.state_dict(), f)
+    assert W.guess_source(mo.state_dict()) == 'monai'
+    m = efficientnet_b0(pretrained=f, ndim=2, num_classes=1000).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad(): torch.testing.assert_close(m(x), mo(x), atol=1e-4, rtol=1e-4)
