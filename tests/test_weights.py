@@ -47,8 +47,9 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, '_hub_dir', None)
     return tmp_path/'torch'/'hub'/'checkpoints'
 
-def _bytes(sd):
-    buf = io.BytesIO(); torch.save(sd, buf); return buf.getvalue()
+def _bytes(sd, legacy=False):
+    "What `torch.save` writes; `legacy`: the pre-1.6 format efficientnet-pytorch's release files are in"
+    buf = io.BytesIO(); torch.save(sd, buf, _use_new_zipfile_serialization=not legacy); return buf.getvalue()
 
 def _named(stem, data):
     "`stem-<sha256 prefix>.pth`: torch hub's naming, which the loader verifies"
@@ -63,7 +64,7 @@ def lukemelas_b0():
     with torch.no_grad():  # random BatchNorm statistics, so that they matter
         for o in m.modules():
             if isinstance(o, torch.nn.BatchNorm2d): o.running_mean.normal_(0, 0.1); o.running_var.uniform_(0.5, 1.5)
-    return m, _bytes(m.state_dict())
+    return m, _bytes(m.state_dict(), legacy=True)
 
 @pytest.fixture(scope='module')
 def ours_b0():
