@@ -139,13 +139,18 @@ VARIANTS = {
 
 # %% ../nbs/02_model.ipynb #e773babd
 @delegates(EfficientNet)
-def efficientnet(variant, pretrained=False, progress=True, **kwargs):
-    "EfficientNet `variant` ('b0' ... 'b8', 'l2') from `VARIANTS`"
+def efficientnet(variant, pretrained=False, progress=True,
+                 inflate='center', # how 2D weights fill 3D kernels: 'center' or 'mean' (see `effnet_fastai.weights`)
+                 **kwargs):
+    "EfficientNet `variant` ('b0' ... 'b8', 'l2'); `pretrained`: True, a tag of `WEIGHTS`, a path or a URL"
     if variant not in VARIANTS: raise ValueError(f"unknown EfficientNet variant {variant!r}; expected one of {list(VARIANTS)}")
+    if pretrained:  # imported here: `effnet_fastai.weights` imports this module
+        from effnet_fastai.weights import load_pretrained, pretrained_kwargs
+        kwargs = {**pretrained_kwargs(variant, pretrained, kwargs.get('padding', 'same')), **kwargs}
     v = VARIANTS[variant]
     m = EfficientNet(**{'width_coefficient': v.width, 'depth_coefficient': v.depth, 'dropout_rate': v.dropout, **kwargs})
     m.variant, m.input_size = variant, (v.resolution,) * m.ndim
-    if pretrained: raise NotImplementedError("pretrained weights are not available yet: use pretrained=False")
+    if pretrained: load_pretrained(m, pretrained, progress=progress, inflate=inflate)
     return m
 
 # %% ../nbs/02_model.ipynb #27c628d9
