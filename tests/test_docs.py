@@ -117,5 +117,5 @@ def test_browser_model_page(tmp_path):
     assert text.startswith('def efficientnet_b3(') and 'pretrained:bool=False' in text and 'ndim:int=3' in text
     shot = DOCS / '_screenshots' / 'model.png'
     shot.parent.mkdir(exist_ok=True)
-    _browse(page, f'--screenshot={shot}', size='1400,1800')
+    _browse(page, f'--screenshot={shot}', size='1400,5200')  # tall enough for the variant table and efficientnet_b3
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
