@@ -264,6 +264,9 @@ def build(nbs='nbs', out='_docs', run_slow=False, jobs=None, lib_path=None):
         dst = out / p.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(p.render(pages))
+    if not any(p.name == 'index.html' for p in pages):  # no nbs/index.ipynb yet: a plain list of the pages
+        home = Page('index.html', SITE, '', [dict(cell_type='markdown', source='\n'.join(f'- [{p.title}]({p.name})' for p in pages))], {})
+        (out / 'index.html').write_text(home.render(pages))
     (out / '.nojekyll').write_text('')
     print(f'built {len(pages)} pages into {out}/ in {time.time() - t0:.0f}s')
     return pages
