@@ -2,9 +2,13 @@
 import warnings
 import numpy as np, pytest, torch
 from torch import nn
-from fastai.basics import *
-from fastai.callback.all import *
+from fastai.learner import load_learner
+from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
+from fastai.callback.progress import ProgressCallback
+import fastai.callback.fp16  # to_fp16, to_bf16
 from fastai.vision.all import vision_learner, ImageDataLoaders, PILImage
+from effnet_fastai.model import efficientnet_b0
 from effnet_fastai.data import *
 from effnet_fastai.learner import *
 
