@@ -258,6 +258,9 @@ def write_report(results, args, path):
             pm = r['peak_mem']
             lines.append(f'| peak GPU memory (MiB) | {pm["ours"]/2**20:.0f} | ' + ' | '.join(f'{pm[p]/2**20:.0f}' for p in r['peers']) + ' |')
         lines.append('')
+    notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'NOTES.md')
+    if os.path.exists(notes):  # hand-written analysis (profiles, what limits a missed target) kept beside the figures
+        with open(notes) as f: lines += ['', f.read()]
     with open(path, 'w') as f: f.write('\n'.join(lines) + '\n')
     with open(os.path.splitext(path)[0] + '.json', 'w') as f: json.dump(results, f, indent=1, default=str)
 
