@@ -118,6 +118,12 @@ def ratio_stats(peer, base):
     rs = [p / b for p, b in zip(peer, base)]
     return dict(median=statistics.median(rs), min=min(rs), max=max(rs))
 
+def high_water_rss():
+    "Peak resident set size of this process in bytes: VmHWM (reset by exec, unlike `ru_maxrss`, which a child inherits)"
+    try:
+        with open('/proc/self/status') as f: return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM:'))
+    except (OSError, StopIteration): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
 def rss_child(args):
     "In a fresh process: build one model, run one train step (or inference), print the peak RSS in bytes"
     wl = {**WORKLOADS, **GPU_WORKLOADS}[args.rss_child[0]]
@@ -125,14 +131,17 @@ def rss_child(args):
     kw = wl['ours'] if name == 'ours' else wl['peers'][name]
     torch.manual_seed(0)
     r = Runner(build(name, kw), torch.randn(wl['shape']), torch.device('cpu'))
+    base = high_water_rss()  # imports, model and input
     r.train_step() if what == 'train' else r.infer()
-    print(json.dumps(dict(peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+    peak = high_water_rss()
+    print(json.dumps(dict(peak_rss=peak, step_rss=peak - base)))
 
 def peak_rss(wl_name, name, what):
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), '--rss-child', wl_name, name, what],
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), '--rss-child', wl_name, name, what,
+                          '--threads', str(torch.get_num_threads())],
                          capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ROOT})
     if out.returncode: return None, out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'failed'
-    return json.loads(out.stdout.strip().splitlines()[-1])['peak_rss'], None
+    return json.loads(out.stdout.strip().splitlines()[-1]), None
 
 # ---------------------------------------------------------------- a workload
 def run_workload(wl_name, wl, args, dev, opts=None):
@@ -177,7 +186,8 @@ def run_workload(wl_name, wl, args, dev, opts=None):
             v, err = peak_rss(wl_name, k, 'train')
             if err: res['rss_errors'][k] = err
             else: res['peak_rss'][k] = v
-        print('  peak RSS MiB (train step, fresh process): ' + ', '.join(f'{k} {v/2**20:.0f}' for k, v in res['peak_rss'].items()), flush=True)
+        print('  RSS MiB (fresh process), peak / growth during the train step: ' +
+              ', '.join(f'{k} {v["peak_rss"]/2**20:.0f} / {v["step_rss"]/2**20:.0f}' for k, v in res['peak_rss'].items()), flush=True)
     return res
 
 def run_gpu_b4_memory(dev):
@@ -228,7 +238,8 @@ def write_report(results, args, path):
              f'- CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available in this run: no GPU figures"}', '',
              'Ratios are peer/ours per round (median, min-max over rounds): above 1 means ours is faster, or saves fewer',
              'bytes for backward. Times are medians per step. Saved bytes: distinct storages saved for backward by one',
-             'training forward, parameters excluded. Peak RSS: one train step in a fresh process (includes the imports).', '']
+             'training forward, parameters excluded. RSS: one train step in a fresh process; the peak includes the imports',
+             '(about 700 MiB for torch alone), the growth is the peak minus the high-water mark before the step.', '']
     for name, r in results.items():
         if name == 'checkpointing':
             lines += ['## Gradient checkpointing (3D b0, (2,1,64,64,64))', '',
@@ -252,8 +263,10 @@ def write_report(results, args, path):
                      ' | '.join(f'{r["saved_bytes"][p]/2**20:.0f}; ours/peer **{1/r["peers"][p]["saved_bytes"]:.2f}x**' for p in r['peers']) + ' |')
         if r.get('peak_rss'):
             pr = r['peak_rss']
-            lines.append(f'| peak RSS, train step (MiB) | {pr["ours"]/2**20:.0f} | ' +
-                         ' | '.join(f'{pr[p]/2**20:.0f}; ours/peer {pr["ours"]/pr[p]:.2f}x' if p in pr else 'n/a' for p in r['peers']) + ' |')
+            for key, label in (('peak_rss', 'peak RSS, fresh process (MiB)'), ('step_rss', 'RSS growth during the train step (MiB)')):
+                lines.append(f'| {label} | {pr["ours"][key]/2**20:.0f} | ' +
+                             ' | '.join(f'{pr[p][key]/2**20:.0f}; ours/peer {pr["ours"][key]/pr[p][key]:.2f}x' if p in pr else 'n/a'
+                                        for p in r['peers']) + ' |')
         if r.get('peak_mem'):
             pm = r['peak_mem']
             lines.append(f'| peak GPU memory (MiB) | {pm["ours"]/2**20:.0f} | ' + ' | '.join(f'{pm[p]/2**20:.0f}' for p in r['peers']) + ' |')
