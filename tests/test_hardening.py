@@ -2,8 +2,8 @@
 low-precision numerics.
 
 The hypothesis tests draw constructor arguments and input shapes from the ranges the layers support (and from bad
-values that must be refused by name). `KNOWN_BUGS` lists the calls that still fail with an internal error: each is
-an xfail(strict) with the fix proposed in the issue-6 report; when a fix lands, its entry XPASSes and is removed."""
+values that must be refused by name). `EDGE_CASES` lists calls that once failed with an internal error from deep inside
+torch; each must now raise a clear error naming the argument."""
 import math, re, warnings
 import pytest, torch
 from torch import nn
@@ -160,8 +160,8 @@ def test_efficientnet_bad_args(bad):
 def test_efficientnet_bad_inputs(shape, name):
     with pytest.raises(ValueError, match=f'EfficientNet\\({name}='): tiny().eval()(torch.randn(shape))
 
-# Calls that still raise an internal error; the exact fixes are in the issue-6 report (nbs/00_layers, 01_blocks, 02_model)
-KNOWN_BUGS = {
+# Calls that once raised an internal error (ZeroDivisionError, IndexError, a RuntimeError in forward, ...)
+EDGE_CASES = {
     'conv groups=0 (ZeroDivisionError)':          ('groups', lambda: ConvLayerDynamicPadding(4, 4, groups=0, ndim=2)),
     'conv ni="3" (TypeError without a name)':     ('ni', lambda: ConvLayerDynamicPadding('3', 4, ndim=2)),
     'conv ks="a" (int() ValueError)':             ('ks', lambda: ConvLayerDynamicPadding(2, 4, ks='a', ndim=2)),
@@ -177,19 +177,16 @@ KNOWN_BUGS = {
     'net integer input (RuntimeError)':           ('x', lambda: tiny().eval()(torch.ones(2, 1, 8, 8, dtype=torch.long))),
 }
 
-@pytest.mark.parametrize('name,fn', list(KNOWN_BUGS.values()), ids=list(KNOWN_BUGS))
-@pytest.mark.xfail(strict=True, reason='internal error instead of a clear one: fix proposed in the issue-6 report')
-def test_known_bugs(name, fn):
+@pytest.mark.parametrize('name,fn', list(EDGE_CASES.values()), ids=list(EDGE_CASES))
+def test_edge_cases_are_clear(name, fn):
     with pytest.raises(Exception) as e: fn()
     check_clear(e.value, name, 'block_spec' if name == 'block_spec' else name, 'EfficientNet')
 
-@pytest.mark.xfail(strict=True, reason='torch.nn.Sequential slicing calls the class with an OrderedDict: fix in the report')
 @pytest.mark.parametrize('make', [lambda: tiny(), lambda: MBConvBlock(4, 4, 3, 1, 0.25, True, 2, ndim=2)], ids=['EfficientNet', 'MBConvBlock'])
 def test_slicing(make):
     m = make()
     assert len(m[:2]) == 2 and isinstance(m[:2], nn.Sequential)
 
-@pytest.mark.xfail(strict=True, reason="BatchNorm's batch-of-one error does not say what to do: rephrasing proposed in the report")
 def test_batch_of_one_message():
     with pytest.raises(ValueError, match='batch size'): tiny().train()(torch.randn(1, 1, 8, 8))
 
