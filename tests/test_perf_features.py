@@ -71,7 +71,13 @@ def test_depthwise_float32_matches_stock(C, S, k):
     stock = torch.autograd.grad(F.conv3d(x, w, None, 1, k//2, 1, C), (x, w), g)
     for a, b in zip(ours, stock): assert rel(a, b) < 2e-6
 
-def test_depthwise_layer_uses_fast_path_only_where_it_applies():
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def test_depthwise_layer_uses_fast_path_only_where_it_applies(one_thread):
     dw = Conv3dSame(6, 6, 3, groups=6, bias=False)
     x = torch.randn(1, 6, 8, 8, 8, requires_grad=True)
     assert type(dw(x).grad_fn).__name__ == 'DepthwiseConvFnBackward'
@@ -87,7 +93,7 @@ def test_bn_act_gradcheck_double():
     f = lambda x, w, b: BNActFn.apply(x, w, b, None, None, 0.1, 1e-3)
     assert torch.autograd.gradcheck(f, (x, bn.weight, bn.bias), fast_mode=True)
 
-def test_model_matches_unfused_modules():
+def test_model_matches_unfused_modules(one_thread):
     "The whole model with the fused paths equals the same modules run one by one (nn.Sequential.forward)"
     torch.manual_seed(1)
     a, b = pair(3, 1)
