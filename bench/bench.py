@@ -91,20 +91,13 @@ class Runner:
         sync(self.dev); t = time.perf_counter(); f(); sync(self.dev)
         return time.perf_counter() - t
 
-def saved_activation_bytes(model, x, bf16=False):
+def saved_bytes(model, x, bf16=False):
     "Bytes of distinct storages saved for backward by one training forward, parameters excluded"
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params: seen[st.data_ptr()] = st.nbytes()
-        return t
+    from effnet_fastai.model import saved_activation_bytes
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-         torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16): out, n = saved_activation_bytes(model, x)
     del out
-    return sum(seen.values())
+    return n
 
 def interleaved(runners, what, rounds):
     "Per-round times of each runner, run in the order A B C A B C ..."
@@ -168,7 +161,7 @@ def run_workload(wl_name, wl, args, dev, opts=None):
         for p in [k for k in runners if k != 'ours']:
             res['peers'].setdefault(p, {})[what] = ratio_stats(times[p], times['ours'])
         print(f'  {what}: ' + ', '.join(f'{k} {statistics.median(v)*1000:.0f} ms' for k, v in times.items()), flush=True)
-    res['saved_bytes'] = {k: saved_activation_bytes(r.model, r.x, opts.get('bf16', False)) for k, r in runners.items()}
+    res['saved_bytes'] = {k: saved_bytes(r.model, r.x, opts.get('bf16', False)) for k, r in runners.items()}
     if dev.type == 'cuda':
         res['peak_mem'] = {}
         for k, r in runners.items():
@@ -211,7 +204,7 @@ def run_checkpointing(args, dev):
     a, b = build('ours', wl['ours']), build('ours', wl['ours']).set_grad_checkpointing()
     runners = {'plain': Runner(a, x, dev), 'checkpointed': Runner(b, x, dev)}
     times = interleaved(runners, 'train', args.rounds)
-    sb = {k: saved_activation_bytes(r.model, r.x) for k, r in runners.items()}
+    sb = {k: saved_bytes(r.model, r.x) for k, r in runners.items()}
     res = dict(step_time_ratio=ratio_stats(times['checkpointed'], times['plain']),
                saved_bytes=sb, saved_reduction=sb['plain'] / sb['checkpointed'])
     print(f'  step time checkpointed/plain {res["step_time_ratio"]["median"]:.2f}; saved MiB {sb["plain"]/2**20:.0f} -> '

@@ -3,18 +3,7 @@ import copy, warnings
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*')
 from effnet_fastai.layers import DepthwiseConvFn, depthwise_weight_grad, BNActFn, bn_act, Conv3dSame
-from effnet_fastai.model import efficientnet_b0, EfficientNet
-
-def saved_bytes(model, x):
-    "Bytes of distinct storages saved for backward by a training forward, parameters excluded"
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params: seen[st.data_ptr()] = st.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): out = model(x)
-    return out, sum(seen.values())
+from effnet_fastai.model import efficientnet_b0, EfficientNet, saved_activation_bytes as saved_bytes
 
 def pair(ndim, ni, **kw):
     a = efficientnet_b0(ni=ni, num_classes=3, ndim=ndim, drop_connect_rate=0., dropout_rate=0., **kw).train()
