@@ -13,7 +13,7 @@ def _run(*args, cwd):
 @pytest.mark.slow
 def test_cli_synthetic(tmp_path):
     out = tmp_path/'run'
-    r = _run('--size', '12', '--epochs', '1', '--bs', '4', '--n_items', '16', '--out', str(out), cwd=tmp_path)
+    r = _run('--size', '12', '--epochs', '1', '--bs', '4', '--items', '16', '--out', str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert {'model.pkl', 'report.png', 'history.csv'} <= {o.name for o in out.iterdir()}
     assert (out/'report.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
