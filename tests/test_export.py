@@ -30,7 +30,12 @@ def case(request):
     assert (y[0] - y[1]).abs().max() > 1e-2 and y.abs().max() < 1e3  # input-dependent, of reasonable size
     return m, x, y, xb, yb
 
-def close(a, b, eps=1e-4): torch.testing.assert_close(a, b, atol=eps, rtol=eps)
+def close(a, b, eps=1e-4):
+    "Equal to `eps` relative to the largest reference logit (the metric of the equivalence tests): an element-wise"
+    "relative bound is ill-posed for logits near zero, and ONNX Runtime's kernels round differently from torch's"
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = ((a - b).abs().max() / b.abs().max()).item()
+    assert err < eps, f'max |diff| / max |ref| = {err:.2e} (limit {eps})'
 
 def test_trace(case):
     m, x, y, xb, yb = case
