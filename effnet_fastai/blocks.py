@@ -10,6 +10,7 @@ from fastai.torch_core import *
 from fastai.layers import NormType
 from typing import NamedTuple
 from .layers import *
+from .layers import _capturing
 
 # %% auto #0
 __all__ = ['BLOCK_SPEC', 'SliceableSequential', 'MBConvBlock', 'StageSpec', 'decode_stage', 'round_filters', 'round_repeats']
@@ -43,7 +44,10 @@ class MBConvBlock(SliceableSequential):
         super().__init__(OrderedDict(layers))
 
     def forward(self, x):
-        y = super().forward(x)
+        if torch.is_grad_enabled() or _capturing(): y = super().forward(x)
+        else:  # inference: squeeze-excitation gates the depthwise output in place (the block's own tensor)
+            y = x
+            for m in self: y = m(y, inplace=y is not x) if isinstance(m, SqueezeExcitation) else m(y)
         return y.add_(x) if self.has_skip else y  # y is the fresh output of the projection: no new tensor
 
 # %% ../nbs/01_blocks.ipynb #ad1557e9

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 # %% auto #0
 __all__ = ['Conv1dSame', 'Conv2dSame', 'Conv3dSame', 'check_ndim', 'is_int', 'to_tuple', 'same_padding', 'pad_for', 'fast_size',
            'depthwise_weight_grad', 'DepthwiseConvFn', 'SameConv', 'same_conv_func', 'BNActFn', 'bn_act', 'fold_bn',
-           'set_fold_bn', 'TransposeSame', 'ConvLayerDynamicPadding', 'DropConnect', 'SqueezeExcitation']
+           'set_fold_bn', 'bn_eval_', 'bn_inplace_exact', 'TransposeSame', 'ConvLayerDynamicPadding', 'DropConnect',
+           'SqueezeExcitation']
 
 # %% ../nbs/00_layers.ipynb #f6c8be6e
 def check_ndim(ndim):
@@ -222,6 +223,38 @@ def _bn_foldable(layer, x):
             and bn.running_mean is not None and (len(layer) == 2 or type(layer[2]) is nn.SiLU)
             and not hasattr(conv, 'weight_orig') and not hasattr(conv, 'weight_g') and _no_hooks(*layer))
 
+# %% ../nbs/00_layers.ipynb #5c121124
+def bn_eval_(x, bn):
+    "Eval-mode BatchNorm `bn` applied to `x` in place: the values `bn(x)` returns, where `bn_inplace_exact` holds"
+    alpha = torch.rsqrt(bn.running_var + bn.eps) * bn.weight
+    beta = torch.addcmul(bn.bias, bn.running_mean, alpha, value=-1)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return torch.addcmul(beta.view(shape), x, alpha.view(shape), out=x)
+
+_bn_exact = {}
+def bn_inplace_exact(device, dtype):
+    "Whether `bn_eval_` reproduces this build's BatchNorm kernel to the bit on `device` and `dtype` (checked once)"
+    key = (torch.device(device).type, dtype)
+    if key not in _bn_exact:
+        g = torch.Generator().manual_seed(0)
+        bn = nn.BatchNorm2d(19).eval()
+        with torch.no_grad():
+            for t in (bn.weight, bn.bias, bn.running_mean): t.copy_(torch.randn(19, generator=g))
+            bn.running_var.copy_(torch.rand(19, generator=g) * 3 + 0.01)
+            bn.to(device, dtype)
+            xs = [torch.randn(3, 19, 5, 7, generator=g), torch.randn(2, 19, 2, 1, 3, generator=g)]  # vector loop + tail, tail only
+            xs = [o.to(device, dtype) for o in xs]
+            xs += [o.contiguous(memory_format=torch.channels_last if o.ndim == 4 else torch.channels_last_3d) for o in xs]
+            ref = lambda o: F.batch_norm(o, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0., bn.eps)
+            _bn_exact[key] = all(torch.equal(ref(o), bn_eval_(o.clone(), bn)) for o in xs)
+    return _bn_exact[key]
+
+def _bn_inplace_applies(bn, x):
+    "Whether eval-mode `bn(x)` may overwrite `x`: CPU, no autograd, running statistics, affine, exact on this build"
+    return (isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training and bn.affine and bn.running_mean is not None
+            and not torch.is_grad_enabled() and not _capturing() and x.device.type == 'cpu' and x.ndim > 2
+            and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled('cpu') and bn_inplace_exact(x.device, x.dtype))
+
 # %% ../nbs/00_layers.ipynb #b468e1e6
 def _is_same(padding): return padding in (0, 'same')
 
@@ -286,9 +319,18 @@ class ConvLayerDynamicPadding(nn.Sequential):
         if self.fold_bn_eval and _bn_foldable(self, x):
             y = _conv_with(self[0], x, *fold_bn(self[0], self[1]))
             return F.silu(y, inplace=True) if len(self) == 3 else y
-        if len(self) == 3 and not torch.is_grad_enabled() and not _capturing() and type(self[2]) is nn.SiLU and _no_hooks(self[2]):
-            return F.silu(self[1](self[0](x)), inplace=True)  # no autograd: the activation reuses its input's memory
+        if not torch.is_grad_enabled() and not _capturing() and _no_hooks(*self): return self._forward_inplace(x)
         return super().forward(x)
+
+    def _forward_inplace(self, x):
+        "Without autograd: norm and activation overwrite the convolution's fresh output (the same values, no new tensors)"
+        conv, *rest = self
+        y = conv(x)
+        for m in rest:
+            if _bn_inplace_applies(m, y): y = bn_eval_(y, m)
+            elif type(m) is nn.SiLU: y = F.silu(y, inplace=True)
+            else: y = m(y)
+        return y
 
 # %% ../nbs/00_layers.ipynb #2efbd802
 class DropConnect(Module):
@@ -313,6 +355,6 @@ class SqueezeExcitation(Module):
         self.reduce, self.act, self.expand = conv(ni, n_squeeze, 1), act_cls(), conv(n_squeeze, ni, 1)
         self.dims = tuple(range(2, ndim + 2))
 
-    def forward(self, x):
-        s = x.mean(self.dims, keepdim=True)
-        return x * self.expand(self.act(self.reduce(s))).sigmoid()
+    def forward(self, x, inplace=False): # overwrite `x` with the result when autograd is off (a tensor the caller owns)
+        g = self.expand(self.act(self.reduce(x.mean(self.dims, keepdim=True)))).sigmoid()
+        return x.mul_(g) if inplace and not torch.is_grad_enabled() else x * g

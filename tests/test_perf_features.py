@@ -106,6 +106,24 @@ def test_model_matches_unfused_modules(one_thread):
     with torch.no_grad(): ea, eb = a(x), plain(b, x)
     assert rel(ea, eb) < 1e-5
 
+@pytest.mark.parametrize('ndim,shape', [(2, (2,3,35,32)), (3, (2,1,19,16,18)), (3, (1,3,4,30,33))])
+def test_inference_in_place_is_bit_identical(ndim, shape):
+    "Without autograd the layers overwrite their own intermediates (BatchNorm, SiLU, gating, residual, zero-tap pads): the values of the allocating path to the bit"
+    torch.manual_seed(0)
+    m = efficientnet_b0(ni=shape[1], num_classes=5, ndim=ndim).eval()
+    with torch.no_grad():
+        for bn in m.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn.running_mean.normal_(0, 0.1); bn.running_var.uniform_(0.5, 2); bn.weight.uniform_(0.5, 1.5); bn.bias.normal_(0, 0.1)
+    x = torch.randn(shape)
+    x0 = x.clone()
+    with torch.no_grad(): fast = m(x)
+    ref = m(x)  # autograd on (the parameters require grad): every module allocates its own output
+    assert ref.requires_grad
+    assert torch.equal(fast, ref.detach())
+    assert torch.equal(x, x0)  # the caller's input is never written
+    with torch.inference_mode(): assert torch.equal(m(x), fast)
+
 def test_fused_paths_save_less():
     torch.manual_seed(0)
     m = efficientnet_b0(ni=1, num_classes=3, ndim=3).train()
