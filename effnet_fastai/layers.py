@@ -138,9 +138,9 @@ def _zero_tap_applies(conv, x):
             and all(d == 1 for d in conv.dilation) and conv.padding_mode == 'zeros')
 
 def _fast_dw_applies(x, w):
-    "Whether `DepthwiseConvFn` pays: a single-threaded CPU float backward, no axis under 4 (tiny FFTs cost more), not compiling"
+    "Whether `DepthwiseConvFn` pays: a CPU float backward on one or two threads, no axis under 4 (tiny FFTs cost more), not compiling"
     return (not _capturing() and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
-            and torch.is_grad_enabled() and torch.get_num_threads() == 1
+            and torch.is_grad_enabled() and torch.get_num_threads() <= 2
             and min(x.shape[2:]) >= 4
             and (x.requires_grad or w.requires_grad))
 
