@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Iterable
 
 # %% auto #0
-__all__ = ['Conv1dSame', 'Conv2dSame', 'Conv3dSame', 'check_ndim', 'is_int', 'to_tuple', 'same_padding', 'pad_for', 'fast_size',
+__all__ = ['Conv1dSame', 'Conv2dSame', 'Conv3dSame', 'check_ndim', 'is_int', 'to_tuple', 'same_padding', 'pad_for',
            'depthwise_weight_grad', 'DepthwiseConvFn', 'SameConv', 'same_conv_func', 'BNActFn', 'bn_act', 'fold_bn',
            'set_fold_bn', 'bn_eval_', 'bn_inplace_exact', 'TransposeSame', 'ConvLayerDynamicPadding', 'DropConnect',
            'SqueezeExcitation']
@@ -51,32 +51,19 @@ def pad_for(szs, ks, stride, dilation):
     pads = [same_padding(sz, k, s, d) for sz, k, s, d in zip(szs, ks, stride, dilation)]
     return [p for pair in reversed(pads) for p in pair]
 
-# %% ../nbs/00_layers.ipynb #c54ddd0e
-def fast_size(n):
-    "Smallest length `>= n` whose only prime factors are 2, 3 and 5 (fast FFT lengths)"
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0: m //= p
-        if m == 1: return n
-        n += 1
-
 # %% ../nbs/00_layers.ipynb #146eb88e
+_conv_fns = (F.conv1d, F.conv2d, F.conv3d)
+
 def depthwise_weight_grad(x, grad, padding, ks):
-    "Weight gradient of a stride-1 depthwise convolution of `x` with symmetric `padding`, via FFTs"
-    nd = x.ndim - 2
-    dims = tuple(range(2, 2 + nd))
-    L = [fast_size(s + 2 * p) for s, p in zip(x.shape[2:], padding)]
-    X = torch.fft.rfftn(x, s=L, dim=dims)  # zero-padded at the end only: negative lags wrap around into the zeros
-    G = torch.fft.rfftn(grad, s=L, dim=dims)
-    r = torch.fft.irfftn((X * G.conj()).sum(0), s=L, dim=tuple(d - 1 for d in dims))
-    for d, (k, p, l) in enumerate(zip(ks, padding, L)):  # lags -p ... k-1-p
-        r = r.index_select(d + 1, (torch.arange(k, device=r.device) - p) % l)
-    return r.unsqueeze(1)
+    "Weight gradient of a stride-1 depthwise convolution of `x` with symmetric `padding`, as one grouped convolution"
+    n, c, nd = x.shape[0], x.shape[1], x.ndim - 2
+    xp = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)]).reshape(1, n * c, *[s + 2 * p for s, p in zip(x.shape[2:], padding)])
+    r = _conv_fns[nd - 1](xp, grad.reshape(n * c, 1, *grad.shape[2:]), None, 1, 0, 1, n * c)  # lag 0 ... k-1 per axis
+    return r.view(n, c, *ks).sum(0).unsqueeze(1)
 
 # %% ../nbs/00_layers.ipynb #42b72128
 class DepthwiseConvFn(torch.autograd.Function):
-    "Stride-1 depthwise convolution without bias whose backward uses a flipped-kernel convolution and FFTs"
+    "Stride-1 depthwise convolution without bias whose backward is two forward convolutions (flipped kernel; gradients as kernels)"
     @staticmethod
     def forward(ctx, x, weight, padding):
         ctx.save_for_backward(x, weight)
@@ -93,8 +80,6 @@ class DepthwiseConvFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]: gw = depthwise_weight_grad(x, grad, ctx.padding, ks)
         return gx, gw, None
 
-_conv_fns = (F.conv1d, F.conv2d, F.conv3d)
-
 # %% ../nbs/00_layers.ipynb #b97d3e5f
 class SameConv:
     "Mixin for `nn.ConvNd`: TensorFlow 'SAME' padding, computed from the input only where it must be"
@@ -106,8 +91,8 @@ class SameConv:
             self.padding = (0,)*len(ks)
             if not self.dynamic: self.static_pad = pad_for([1]*len(ks), ks, st, dl)
         else: self.padding = tuple(t // 2 for t in tot)
-        self.fast_depthwise = (len(ks) == 3 and not self.dynamic and self.static_pad is None and self.bias is None
-                               and self.groups == self.in_channels == self.out_channels and all(d == 1 for d in dl))
+        self.fast_depthwise = (len(ks) > 1 and math.prod(ks) >= 25 and not self.dynamic and self.static_pad is None
+                               and self.bias is None and self.groups == self.in_channels == self.out_channels and all(d == 1 for d in dl))
 
     def forward(self, x): return self.same_forward(x, self.weight, self.bias)
 
@@ -138,10 +123,9 @@ def _zero_tap_applies(conv, x):
             and all(d == 1 for d in conv.dilation) and conv.padding_mode == 'zeros')
 
 def _fast_dw_applies(x, w):
-    "Whether `DepthwiseConvFn` pays: a CPU float backward on one or two threads, no axis under 4 (tiny FFTs cost more), not compiling"
+    "Whether `DepthwiseConvFn` pays: a CPU float backward on one or two threads (where it was measured), not compiling"
     return (not _capturing() and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
             and torch.is_grad_enabled() and torch.get_num_threads() <= 2
-            and min(x.shape[2:]) >= 4
             and (x.requires_grad or w.requires_grad))
 
 # %% ../nbs/00_layers.ipynb #f00372d7

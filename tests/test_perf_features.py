@@ -2,7 +2,7 @@
 import copy, warnings
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*')
-from effnet_fastai.layers import DepthwiseConvFn, depthwise_weight_grad, BNActFn, bn_act, Conv3dSame
+from effnet_fastai.layers import DepthwiseConvFn, depthwise_weight_grad, BNActFn, bn_act, Conv3dSame, Conv2dSame
 from effnet_fastai.model import efficientnet_b0, EfficientNet, saved_activation_bytes as saved_bytes
 
 def pair(ndim, ni, **kw):
@@ -50,15 +50,19 @@ def test_depthwise_gradcheck_double():
         w = torch.randn(2, 1, *ks, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x, w: DepthwiseConvFn.apply(x, w, pad), (x, w), fast_mode=True)
 
-@pytest.mark.parametrize('C,S,k', [(8,16,3), (12,9,5), (4,(6,11,7),5)])
+@pytest.mark.parametrize('C,S,k', [(8,16,3), (12,9,5), (4,(6,11,7),5), (8,(16,16),5), (6,(9,14),(5,3))])
 def test_depthwise_float32_matches_stock(C, S, k):
+    "Both gradients equal the stock backward's to float32 rounding (sums of up to 8,192 terms), in 3D and 2D"
     S = (S,)*3 if isinstance(S, int) else S
+    ks = (k,)*len(S) if isinstance(k, int) else k
+    pad = tuple(o//2 for o in ks)
     x = torch.randn(2, C, *S, requires_grad=True)
-    w = torch.randn(C, 1, k, k, k, requires_grad=True)
+    w = torch.randn(C, 1, *ks, requires_grad=True)
     g = torch.randn(2, C, *S)
-    ours = torch.autograd.grad(DepthwiseConvFn.apply(x, w, (k//2,)*3), (x, w), g)
-    stock = torch.autograd.grad(F.conv3d(x, w, None, 1, k//2, 1, C), (x, w), g)
-    for a, b in zip(ours, stock): assert rel(a, b) < 2e-6
+    conv = F.conv3d if len(S) == 3 else F.conv2d
+    ours = torch.autograd.grad(DepthwiseConvFn.apply(x, w, pad), (x, w), g)
+    stock = torch.autograd.grad(conv(x, w, None, 1, pad, 1, C), (x, w), g)
+    for a, b in zip(ours, stock): assert rel(a, b) < 1e-5, rel(a, b)
 
 @pytest.fixture
 def one_thread():
@@ -70,7 +74,10 @@ def test_depthwise_layer_uses_fast_path_only_where_it_applies(one_thread):
     dw = Conv3dSame(6, 6, 3, groups=6, bias=False)
     x = torch.randn(1, 6, 8, 8, 8, requires_grad=True)
     assert type(dw(x).grad_fn).__name__ == 'DepthwiseConvFnBackward'
-    assert type(dw(x[:, :, :2]).grad_fn).__name__ != 'DepthwiseConvFnBackward'  # axis < 4: stock
+    assert type(dw(x[:, :, :2]).grad_fn).__name__ == 'DepthwiseConvFnBackward'  # any size
+    x2 = torch.randn(2, 6, 9, 9, requires_grad=True)
+    assert type(Conv2dSame(6, 6, 5, groups=6, bias=False)(x2).grad_fn).__name__ == 'DepthwiseConvFnBackward'
+    assert type(Conv2dSame(6, 6, 3, groups=6, bias=False)(x2).grad_fn).__name__ != 'DepthwiseConvFnBackward'  # 9 taps: stock is faster
     assert type(Conv3dSame(6, 6, 3, stride=2, groups=6, bias=False)(x).grad_fn).__name__ != 'DepthwiseConvFnBackward'
     with torch.no_grad(): assert torch.equal(dw(x), F.conv3d(x, dw.weight, None, 1, 1, 1, 6))
 
