@@ -247,14 +247,21 @@ def machine():
     except Exception: pass
     return f'{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, {platform.system()} {platform.release()}'
 
-def write_report(results, args, path):
+def run_meta(args):
+    "Date, machine, versions and command of this run (kept in the JSON, so a report can be rendered again)"
     import torchvision, timm, monai
+    return dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), machine=machine(),
+                versions=f'torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, monai {monai.__version__}',
+                command=f'python bench/bench.py {" ".join(sys.argv[1:])}', rounds=args.rounds,
+                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available in this run: no GPU figures")
+
+def write_report(results, meta, path):
     lines = [f'# Benchmark results', '',
-             f'- date: {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}',
-             f'- machine: {machine()}',
-             f'- torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, monai {monai.__version__}',
-             f'- command: `python bench/bench.py {" ".join(sys.argv[1:])}`; {args.rounds} interleaved rounds per measure',
-             f'- CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available in this run: no GPU figures"}', '',
+             f'- date: {meta["date"]}',
+             f'- machine: {meta["machine"]}',
+             f'- {meta["versions"]}',
+             f'- command: `{meta["command"]}`; {meta["rounds"]} interleaved rounds per measure',
+             f'- CUDA: {meta["cuda"]}', '',
              'Ratios are peer/ours per round (median, min-max over rounds): above 1 means ours is faster, or saves fewer',
              'bytes for backward. Times are medians per step. Saved bytes: distinct storages saved for backward by one',
              'training forward, parameters excluded. RSS: one train step in a fresh process; the peak includes the imports',
@@ -299,7 +306,7 @@ def write_report(results, args, path):
     if os.path.exists(notes):  # hand-written analysis (profiles, what limits a missed target) kept beside the figures
         with open(notes) as f: lines += ['', f.read()]
     with open(path, 'w') as f: f.write('\n'.join(lines) + '\n')
-    with open(os.path.splitext(path)[0] + '.json', 'w') as f: json.dump(results, f, indent=1, default=str)
+    with open(os.path.splitext(path)[0] + '.json', 'w') as f: json.dump(dict(meta=meta, results=results), f, indent=1, default=str)
 
 def plot(results, path):
     import matplotlib; matplotlib.use('Agg')
@@ -334,10 +341,15 @@ def main():
     ap.add_argument('--out', default=os.path.join(ROOT, 'bench', 'RESULTS.md'))
     ap.add_argument('--rss-child', nargs=3, help=argparse.SUPPRESS)
     ap.add_argument('--infer-child', help=argparse.SUPPRESS)
+    ap.add_argument('--render', metavar='JSON', help='write the report again from a saved RESULTS.json (e.g. after editing NOTES.md), measuring nothing')
     args = ap.parse_args()
     if args.threads: torch.set_num_threads(args.threads)
     if args.rss_child: return rss_child(args)
     if args.infer_child: return infer_child(args)
+    if args.render:
+        with open(args.render) as f: saved = json.load(f)
+        write_report(saved['results'], saved['meta'], os.path.splitext(args.render)[0] + '.md')
+        return print(f'wrote {os.path.splitext(args.render)[0]}.md')
     if args.quick: args.rounds, args.no_rss = min(args.rounds, 2), True
     cpu, results = torch.device('cpu'), {}
     names = args.only if args.only is not None else list(WORKLOADS) + ['checkpointing']
@@ -351,7 +363,7 @@ def main():
             opts = dict(bf16=args.bf16, channels_last=args.channels_last, compile=args.compile)
             for n, wl in GPU_WORKLOADS.items(): results[n] = run_workload(n, wl, args, dev, opts)
             results['gpu_b4_memory'] = run_gpu_b4_memory(dev)
-    write_report(results, args, args.out)
+    write_report(results, run_meta(args), args.out)
     plot(results, os.path.splitext(args.out)[0].replace('RESULTS', 'results') + '.png')
     print(f'\nwrote {args.out}')
 
