@@ -131,38 +131,32 @@ def rss_child(args):
 
 def infer_child(args):
     "In a fresh process that never trains: interleaved inference rounds of ours and the peers, times as JSON"
-    wl = {**WORKLOADS, **GPU_WORKLOADS}[args.infer_child]
+    wl_name = args.infer_child
+    wl = {**WORKLOADS, **GPU_WORKLOADS}[wl_name]
     torch.manual_seed(0); x = torch.randn(wl['shape'])
-    runners = {}
-    for k, kw in [('ours', wl['ours'])] + list(wl['peers'].items()):
-        m = build(k, kw)
-        try:
-            with torch.no_grad(): m.eval()(x[:1])
-        except Exception: continue  # a peer that cannot run this input (recorded by the parent)
-        runners[k] = Runner(m, x, torch.device('cpu'))
+    models, _ = workload_models(wl_name, wl, x, torch.device('cpu'))  # peers that fail are recorded by the parent
+    runners = {k: Runner(m, x, torch.device('cpu')) for k, m in models.items()}
     print(json.dumps(interleaved(runners, 'infer', args.rounds)))
 
+def run_child(*flags):
+    "Run this script in a fresh process with `flags` and this process's thread count"
+    return subprocess.run([sys.executable, os.path.abspath(__file__), *flags, '--threads', str(torch.get_num_threads())],
+                          capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ROOT})
+
 def fresh_inference(wl_name, rounds):
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), '--infer-child', wl_name, '--rounds', str(rounds),
-                          '--threads', str(torch.get_num_threads())],
-                         capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ROOT})
+    out = run_child('--infer-child', wl_name, '--rounds', str(rounds))
     if out.returncode: raise SystemExit(f'{wl_name}: inference-only process failed: {out.stderr.strip()[-2000:]}')
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 def peak_rss(wl_name, name, what):
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), '--rss-child', wl_name, name, what,
-                          '--threads', str(torch.get_num_threads())],
-                         capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ROOT})
+    out = run_child('--rss-child', wl_name, name, what)
     if out.returncode: return None, out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'failed'
     return json.loads(out.stdout.strip().splitlines()[-1]), None
 
 # ---------------------------------------------------------------- a workload
-def run_workload(wl_name, wl, args, dev, opts=None):
-    opts = opts or {}
-    print(f'\n== {wl["title"]} {opts or ""}', flush=True)
-    torch.manual_seed(0); x = torch.randn(wl['shape'])
-    models = {'ours': build('ours', wl['ours'])}
-    res = dict(title=wl['title'], shape=wl['shape'], opts=opts, peers={}, errors={})
+def workload_models(wl_name, wl, x, dev):
+    "Ours and the peers that run on `x` (parameter counts checked equal first), and the error of each peer that does not"
+    models, errors = {'ours': build('ours', wl['ours'])}, {}
     for p, kw in wl['peers'].items():
         m = build(p, kw)
         if num_params(m) != num_params(models['ours']):
@@ -170,9 +164,16 @@ def run_workload(wl_name, wl, args, dev, opts=None):
         try:  # a peer that cannot run this input is recorded, not benchmarked
             with torch.no_grad(): m.eval().to(dev)(x[:1].to(dev))
             models[p] = m
-        except Exception as e:
-            res['errors'][p] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
-            print(f'  {p} fails on {tuple(x.shape)}: {res["errors"][p]}', flush=True)
+        except Exception as e: errors[p] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
+    return models, errors
+
+def run_workload(wl_name, wl, args, dev, opts=None):
+    opts = opts or {}
+    print(f'\n== {wl["title"]} {opts or ""}', flush=True)
+    torch.manual_seed(0); x = torch.randn(wl['shape'])
+    models, errors = workload_models(wl_name, wl, x, dev)
+    res = dict(title=wl['title'], shape=wl['shape'], opts=opts, peers={}, errors=errors)
+    for p, e in errors.items(): print(f'  {p} fails on {tuple(x.shape)}: {e}', flush=True)
     res['params'] = num_params(models['ours'])
     runners = {k: Runner(m, x, dev, **opts) for k, m in models.items()}
     for what in ('train', 'infer'):
@@ -348,8 +349,9 @@ def main():
     if args.infer_child: return infer_child(args)
     if args.render:
         with open(args.render) as f: saved = json.load(f)
-        write_report(saved['results'], saved['meta'], os.path.splitext(args.render)[0] + '.md')
-        return print(f'wrote {os.path.splitext(args.render)[0]}.md')
+        out = os.path.splitext(args.render)[0] + '.md'
+        write_report(saved['results'], saved['meta'], out)
+        return print(f'wrote {out}')
     if args.quick: args.rounds, args.no_rss = min(args.rounds, 2), True
     cpu, results = torch.device('cpu'), {}
     names = args.only if args.only is not None else list(WORKLOADS) + ['checkpointing']
