@@ -12,10 +12,10 @@ import numbers
 from collections.abc import Iterable
 
 # %% auto #0
-__all__ = ['Conv1dSame', 'Conv2dSame', 'Conv3dSame', 'check_ndim', 'is_int', 'to_tuple', 'same_padding', 'pad_for',
-           'depthwise_weight_grad', 'DepthwiseConvFn', 'SameConv', 'same_conv_func', 'BNActFn', 'bn_act', 'fold_bn',
-           'set_fold_bn', 'bn_eval_', 'bn_inplace_exact', 'TransposeSame', 'ConvLayerDynamicPadding', 'DropConnect',
-           'SqueezeExcitation']
+__all__ = ['Conv1dSame', 'Conv2dSame', 'Conv3dSame', 'check_ndim', 'is_int', 'is_real', 'to_tuple', 'same_padding', 'pad_for',
+           'depthwise_weight_grad', 'DepthwiseConvFn', 'SameConv', 'same_conv_func', 'as_same_conv', 'BNActFn',
+           'bn_act', 'fold_bn_weights', 'set_fold_bn', 'bn_eval_', 'bn_inplace_exact', 'TransposeSame',
+           'ConvLayerDynamicPadding', 'DropConnect', 'SqueezeExcitation']
 
 # %% ../nbs/00_layers.ipynb #f6c8be6e
 def check_ndim(ndim):
@@ -27,6 +27,10 @@ def check_ndim(ndim):
 def is_int(o):
     "True for Python and NumPy integers, False for bools"
     return isinstance(o, numbers.Integral) and not isinstance(o, bool)
+
+def is_real(o):
+    "True for Python and NumPy real numbers (ints and floats), False for bools"
+    return isinstance(o, numbers.Real) and not isinstance(o, bool)
 
 def to_tuple(x, ndim, name='ks'):
     "Broadcast an int to `ndim` entries, or check a sequence has one entry per spatial axis"
@@ -143,6 +147,12 @@ Conv1dSame, Conv2dSame, Conv3dSame = [_make_same(b, f) for b, f in
 def same_conv_func(ndim):
     "The SAME-padded convolution class for `ndim` spatial dimensions"
     return (Conv1dSame, Conv2dSame, Conv3dSame)[check_ndim(ndim) - 1]
+def as_same_conv(conv:nn.Module)->nn.Module:
+    "The SAME-padded version of the plain convolution `conv` (same geometry), sharing its parameters"
+    new = same_conv_func(conv.weight.ndim - 2)(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                               dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, device='meta')
+    new.weight, new.bias = conv.weight, conv.bias
+    return new.train(conv.training)
 
 # %% ../nbs/00_layers.ipynb #7eb257b2
 class BNActFn(torch.autograd.Function):
@@ -181,8 +191,8 @@ def _bn_act_fusable(bn, act, x):
             and not _capturing())
 
 # %% ../nbs/00_layers.ipynb #146b46bc
-def fold_bn(conv, bn):
-    "Weight and bias of `conv` with the eval-mode BatchNorm `bn` folded in"
+def fold_bn_weights(conv, bn):
+    "Weight and bias of `conv` with the eval-mode BatchNorm `bn` folded in (a folded module: `effnet_fastai.export.fold_bn`)"
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     return conv.weight * scale.view((-1,) + (1,) * (conv.weight.ndim - 1)), bn.bias + (bias - bn.running_mean) * scale
@@ -269,6 +279,11 @@ class TransposeSame(nn.Module):
         return F.pad(self.conv(x), pads)
 
 # %% ../nbs/00_layers.ipynb #23504dc5
+def _rebuilds(conv, same):
+    "Whether `conv` is a plain convolution built from the attributes of the SAME convolution `same`"
+    return (type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and isinstance(same, type(conv)) and conv.padding_mode == 'zeros'
+            and all(getattr(conv, a) == getattr(same, a) for a in ('kernel_size', 'stride', 'dilation', 'padding')))
+
 class ConvLayerDynamicPadding(nn.Sequential):
     "fastai's `ConvLayer` with TensorFlow 'SAME' padding: every axis outputs `ceil(in / stride)` for any input size"
     @delegates(nn.Conv2d)
@@ -298,10 +313,16 @@ class ConvLayerDynamicPadding(nn.Sequential):
         self.lean_bn_act = ndim == 3 if lean_bn_act is None else lean_bn_act
         self.fold_bn_eval = False  # see `set_fold_bn`
 
+    def __setattr__(self, name, value):
+        "A plain convolution of the same geometry put in place of our SAME one (fastai's `n_in` rebuild) is made SAME"
+        old = self._modules.get(name) if '_modules' in self.__dict__ else None
+        if isinstance(old, SameConv) and _rebuilds(value, old): value = as_same_conv(value)
+        super().__setattr__(name, value)
+
     def forward(self, x):
         if self.lean_bn_act and len(self) == 3 and _bn_act_fusable(self[1], self[2], x): return bn_act(self[0](x), self[1])
         if self.fold_bn_eval and _bn_foldable(self, x):
-            y = _conv_with(self[0], x, *fold_bn(self[0], self[1]))
+            y = _conv_with(self[0], x, *fold_bn_weights(self[0], self[1]))
             return F.silu(y, inplace=True) if len(self) == 3 else y
         if not torch.is_grad_enabled() and not _capturing() and _no_hooks(*self): return self._forward_inplace(x)
         return super().forward(x)
@@ -320,7 +341,7 @@ class ConvLayerDynamicPadding(nn.Sequential):
 class DropConnect(Module):
     "Per-sample stochastic depth (timm's `DropPath`): drop a sample's branch with probability `p`, rescale the rest"
     def __init__(self, p=0.):
-        if not 0 <= p < 1: raise ValueError(f"DropConnect: `p` must be in [0, 1), got {p!r}")
+        if not (is_real(p) and 0 <= p < 1): raise ValueError(f"DropConnect: `p` must be a number in [0, 1), got {p!r}")
         self.p = float(p)
 
     def forward(self, x):

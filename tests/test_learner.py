@@ -7,7 +7,8 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.callback.progress import ProgressCallback
 import fastai.callback.fp16  # to_fp16, to_bf16
-from fastai.vision.all import vision_learner, ImageDataLoaders, PILImage
+from fastai.vision.all import vision_learner, unet_learner, create_body, ImageDataLoaders, PILImage
+from effnet_fastai.layers import Conv2dSame
 from effnet_fastai.model import efficientnet_b0
 from effnet_fastai.data import *
 from effnet_fastai.learner import *
@@ -109,6 +110,30 @@ def test_vision_learner_2d(tmp_path):
     learn.fit(1, 1e-3)
     learn2 = efficientnet_learner(dls, 'b0')
     assert (learn2.ndim, learn2.ni) == (2, 3)
+
+@pytest.fixture
+def image_dls(tmp_path):
+    for c in 'ab':
+        (tmp_path/c).mkdir()
+        for i in range(4): PILImage.create((np.random.rand(24, 24, 3) * 255).astype(np.uint8)).save(tmp_path/c/f'{i}.png')
+    return ImageDataLoaders.from_folder(tmp_path, valid_pct=0.25, bs=2, seed=0)
+
+@pytest.mark.parametrize('n_in', [1, 3, 4])
+def test_fastai_n_in_keeps_same_padding(image_dls, n_in):
+    """fastai's `n_in` path (the `create_body`/`vision_learner` cases of fastai's nbs/21_vision.learner.ipynb, ported):
+    its rebuilt stem stays SAME, so each body equals our own `efficientnet_learner` body with the same weights"""
+    bodies = {'create_body': create_body(efficientnet_b0_2d(), n_in=n_in, pretrained=False, cut=effnet_cut),
+              'vision_learner': vision_learner(image_dls, efficientnet_b0_2d, n_in=n_in, pretrained=False, normalize=False).model[0],
+              'unet_learner': unet_learner(image_dls, efficientnet_b0_2d, n_in=n_in, n_out=2, pretrained=False, normalize=False).model[0]}
+    ours = efficientnet_learner(image_dls, 'b0', ni=n_in, ndim=2, normalize=False).model[0].eval()
+    x = torch.randn(2, n_in, 225, 161)  # odd sizes: SAME pads the stem asymmetrically only on the even one
+    for name, body in bodies.items():
+        assert type(body.stem[0]) is Conv2dSame and body.stem[0].in_channels == n_in, name
+        ours.load_state_dict(body.state_dict())
+        with torch.no_grad(): a, b = body.eval()(x), ours(x)
+        assert a.shape == (2, 1280, 8, 6), (name, a.shape)
+        assert torch.equal(a, b), name
+    with torch.no_grad(): assert bodies['create_body'].stem(torch.randn(1, n_in, 224, 224)).shape[-2:] == (112, 112)
 
 def test_sync_batchnorm():
     m = to_sync_batchnorm(create_effnet_model('b0', 2, ni=1))
