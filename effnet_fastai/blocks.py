@@ -13,7 +13,8 @@ from .layers import *
 from .layers import _capturing, _no_hooks
 
 # %% auto #0
-__all__ = ['BLOCK_SPEC', 'SliceableSequential', 'MBConvBlock', 'StageSpec', 'decode_stage', 'round_filters', 'round_repeats']
+__all__ = ['BLOCK_SPEC', 'SliceableSequential', 'MBConvBlock', 'StageSpec', 'decode_stage', 'encode_stage', 'spec_stride',
+           'round_filters', 'round_repeats']
 
 # %% ../nbs/01_blocks.ipynb #6eaf0d92
 class SliceableSequential(nn.Sequential):
@@ -30,7 +31,7 @@ class MBConvBlock(SliceableSequential):
                  act_cls=nn.SiLU, norm_type=NormType.Batch, ndim=3, **kwargs):
         check_ndim(ndim)
         if not (is_int(expand_ratio) and expand_ratio >= 1): raise ValueError(f"`expand_ratio` must be an int >= 1, got {expand_ratio!r}")
-        if not 0 <= se_ratio <= 1: raise ValueError(f"`se_ratio` must be in [0, 1], got {se_ratio}")
+        if not (is_real(se_ratio) and 0 <= se_ratio <= 1): raise ValueError(f"`se_ratio` must be a number in [0, 1], got {se_ratio!r}")
         stride = to_tuple(stride, ndim, 'stride')
         conv = partial(ConvLayerDynamicPadding, ndim=ndim, norm_type=norm_type, **kwargs)
         nh = n_inp * expand_ratio
@@ -60,17 +61,45 @@ BLOCK_SPEC = ['r1_k3_s1_e1_i32_o16_se0.25',  'r2_k3_s2_e6_i16_o24_se0.25',  'r2_
 # %% ../nbs/01_blocks.ipynb #3ddc2444
 class StageSpec(NamedTuple):
     "One stage of the block specification"
-    repeats:int; kernel_size:int; stride:int; expand_ratio:int; n_inp:int; n_out:int; se_ratio:float; id_skip:bool=True
+    repeats:int; kernel_size:int; stride:int|tuple; expand_ratio:int; n_inp:int; n_out:int; se_ratio:float; id_skip:bool=True
+
+_STAGE_KEYS = {'r': int, 'k': int, 's': str, 'e': int, 'i': int, 'o': int, 'se': float}
+_STAGE_FORM = "of the form 'r2_k3_s2_e6_i16_o24_se0.25' (r, k, s, e, i, o required; se and noskip optional)"
+
+def _decode_stride(v, s):
+    "`s2` -> 2, `s22` -> (2, 2), `s122` -> (1, 2, 2): one digit per axis, or one for all"
+    if not re.fullmatch(r'[1-9]{1,3}', v):
+        raise ValueError(f"stage spec {s!r} (an entry of `block_spec`): stride 's{v}' must be one digit 1-9 (every axis) "
+                         "or one digit per spatial axis, such as 's2', 's22' or 's122'")
+    return int(v) if len(v) == 1 else tuple(int(c) for c in v)
 
 def decode_stage(s:str)->StageSpec:
-    "Decode a stage string such as `'r2_k3_s2_e6_i16_o24_se0.25'`"
-    if not isinstance(s, str): raise TypeError(f"a stage spec must be a string such as 'r2_k3_s2_e6_i16_o24_se0.25', got {s!r}")
-    ms = [re.fullmatch(r'([a-z]+)([\d.]+)', o) for o in s.split('_') if o != 'noskip']
-    if not all(ms): raise ValueError(f"stage spec {s!r} (an entry of `block_spec`) is not of the form 'r2_k3_s2_e6_i16_o24_se0.25'")
-    opts = dict(m.groups() for m in ms)
-    try: return StageSpec(int(opts['r']), int(opts['k']), int(opts['s']), int(opts['e']), int(opts['i']),
-                          int(opts['o']), float(opts.get('se', 0)), 'noskip' not in s.split('_'))
-    except KeyError as e: raise ValueError(f"stage spec {s!r} (an entry of `block_spec`) lacks {e.args[0]!r} (needs r, k, s, e, i, o)") from None
+    "Decode a stage string such as `'r2_k3_s2_e6_i16_o24_se0.25'` (or the reference's `'r2_k3_s22_e6_i16_o24_se0.25'`)"
+    if not isinstance(s, str): raise TypeError(f"a stage spec must be a string {_STAGE_FORM}, got {s!r}")
+    parts = s.split('_')
+    ms = [re.fullmatch(r'([a-z]+)(\d+(?:\.\d+)?)', o) for o in parts if o != 'noskip']
+    if not all(ms): raise ValueError(f"stage spec {s!r} (an entry of `block_spec`) is not {_STAGE_FORM}")
+    keys = [m[1] for m in ms]
+    bad = [k for k in keys if k not in _STAGE_KEYS] + sorted({k for k in keys if keys.count(k) > 1})
+    if bad: raise ValueError(f"stage spec {s!r} (an entry of `block_spec`) has unknown or repeated options {bad}; it must be {_STAGE_FORM}")
+    missing = [k for k in 'rkseio' if k not in keys]
+    if missing: raise ValueError(f"stage spec {s!r} (an entry of `block_spec`) lacks {missing[0]!r} (needs r, k, s, e, i, o)")
+    o = {m[1]: _STAGE_KEYS[m[1]](m[2]) for m in ms}
+    return StageSpec(o['r'], o['k'], _decode_stride(o['s'], s), o['e'], o['i'], o['o'], o.get('se', 0.), 'noskip' not in parts)
+
+def encode_stage(spec:StageSpec)->str:
+    "The stage string of `spec`, the inverse of `decode_stage`"
+    st = ''.join(map(str, spec.stride)) if isinstance(spec.stride, tuple) else str(spec.stride)
+    se = f'_se{spec.se_ratio:g}' if spec.se_ratio else ''
+    return (f'r{spec.repeats}_k{spec.kernel_size}_s{st}_e{spec.expand_ratio}_i{spec.n_inp}_o{spec.n_out}{se}'
+            + ('' if spec.id_skip else '_noskip'))
+
+def spec_stride(stride:int|tuple, ndim:int, what:str='stride')->tuple:
+    "Per-axis stride on `ndim` axes of a decoded `StageSpec.stride`: equal digits mean that stride on every axis"
+    if is_int(stride) or len(set(stride)) == 1: return to_tuple(stride if is_int(stride) else stride[0], ndim, what)
+    if len(stride) != ndim:
+        raise ValueError(f"{what} gives {len(stride)} per-axis strides {tuple(stride)}, the model has ndim={ndim} spatial axes")
+    return tuple(stride)
 
 # %% ../nbs/01_blocks.ipynb #2fea322e
 def round_filters(filters, width_coefficient=1.0, depth_divisor=8, min_depth=None):

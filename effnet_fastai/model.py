@@ -51,12 +51,12 @@ def _check_args(ni, num_classes, width_coefficient, depth_coefficient, dropout_r
     if not (min_depth is None or (is_int(min_depth) and min_depth >= 1)): raise ValueError(f"`min_depth` must be None or an int >= 1, got {min_depth!r}")
     if isinstance(block_spec, str) or not len(block_spec): raise ValueError(f"`block_spec` must be a non-empty list of stage strings, got {block_spec!r}")
     if padding not in ('same', 'symmetric'): raise ValueError(f"`padding` must be 'same' or 'symmetric', got {padding!r}")
-    if not (isinstance(ni, int) and ni >= 1): raise ValueError(f"`ni` (input channels) must be an int >= 1, got {ni!r}")
-    if not (isinstance(num_classes, int) and num_classes >= 0): raise ValueError(f"`num_classes` must be an int >= 0, got {num_classes!r}")
+    if not (is_int(ni) and ni >= 1): raise ValueError(f"`ni` (input channels) must be an int >= 1, got {ni!r}")
+    if not (is_int(num_classes) and num_classes >= 0): raise ValueError(f"`num_classes` must be an int >= 0, got {num_classes!r}")
     for n, v in (('width_coefficient', width_coefficient), ('depth_coefficient', depth_coefficient)):
-        if not (isinstance(v, (int, float)) and 0 < v < math.inf): raise ValueError(f"`{n}` must be a finite number > 0, got {v!r}")
+        if not (is_real(v) and 0 < v < math.inf): raise ValueError(f"`{n}` must be a finite number > 0, got {v!r}")
     for n, v in (('dropout_rate', dropout_rate), ('drop_connect_rate', drop_connect_rate)):
-        if not 0 <= v < 1: raise ValueError(f"`{n}` must be in [0, 1), got {v!r}")
+        if not (is_real(v) and 0 <= v < 1): raise ValueError(f"`{n}` must be a number in [0, 1), got {v!r}")
 
 def _per_stage(v, n, name):
     if v is None: return [None]*n
@@ -94,7 +94,9 @@ class EfficientNet(SliceableSequential):
                     min_depth, block_spec, padding)
         self.ni, self.ndim, self.num_classes = ni, ndim, num_classes
         specs = [decode_stage(s) for s in block_spec]
-        strides, kernels = _per_stage(strides, len(specs), 'strides'), _per_stage(kernels, len(specs), 'kernels')
+        strides = [spec_stride(s.stride, ndim, f'`block_spec` entry {b!r}') if st is None else to_tuple(st, ndim, 'strides')
+                   for s, b, st in zip(specs, block_spec, _per_stage(strides, len(specs), 'strides'))]
+        kernels = _per_stage(kernels, len(specs), 'kernels')
         rf = partial(round_filters, width_coefficient=width_coefficient, depth_divisor=depth_divisor, min_depth=min_depth)
         kw = dict(act_cls=act_cls, norm_type=norm_type, ndim=ndim, padding=padding, bn_eps=bn_eps, bn_momentum=bn_momentum)
         n_blocks = sum(round_repeats(s.repeats, depth_coefficient) for s in specs)
@@ -102,7 +104,7 @@ class EfficientNet(SliceableSequential):
         for i, (s, st, k) in enumerate(zip(specs, strides, kernels)):
             blocks, n_inp, n_out = [], rf(s.n_inp), rf(s.n_out)
             for j in range(round_repeats(s.repeats, depth_coefficient)):
-                blocks.append(MBConvBlock(n_inp, n_out, ifnone(k, s.kernel_size), ifnone(st, s.stride) if j == 0 else 1,
+                blocks.append(MBConvBlock(n_inp, n_out, ifnone(k, s.kernel_size), st if j == 0 else 1,
                     s.se_ratio, s.id_skip, s.expand_ratio, drop_connect_rate=drop_connect_rate * idx / n_blocks, **kw))
                 n_inp, idx = n_out, idx + 1
             layers[f'stage{i+1}'] = EfficientNetStage(*blocks)
@@ -114,8 +116,7 @@ class EfficientNet(SliceableSequential):
         layers['fc']      = nn.Linear(nf, num_classes) if num_classes else nn.Identity()
         super().__init__(OrderedDict(layers))
         self.num_features = nf
-        self.total_stride = tuple(math.prod(o) for o in zip(to_tuple(stem_stride, ndim, 'stem_stride'),
-            *[to_tuple(ifnone(st, s.stride), ndim, 'strides') for s, st in zip(specs, strides)]))
+        self.total_stride = tuple(math.prod(o) for o in zip(to_tuple(stem_stride, ndim, 'stem_stride'), *strides))
         init_effnet_(self)
         if grad_checkpointing: self.set_grad_checkpointing()
 

@@ -29,7 +29,7 @@ def video_preset(time_strides=(1, 1,1,1,2,1,2,1), # temporal stride of the stem,
     for n, v in (('time_strides', time_strides), ('time_kernels', time_kernels)):
         if any(not isinstance(o, int) or o < 1 for o in v): raise ValueError(f"`{n}` must be ints >= 1, got {v}")
     return dict(ndim=3, stem_stride=(time_strides[0], 2, 2),
-                strides=[(t, s.stride, s.stride) for t, s in zip(time_strides[1:], specs)],
+                strides=[(t, *spec_stride(s.stride, 2, f'`block_spec` entry {b!r}')) for t, s, b in zip(time_strides[1:], specs, block_spec)],
                 kernels=[(k, s.kernel_size, s.kernel_size) for k, s in zip(time_kernels, specs)])
 
 VIDEO_KWARGS = video_preset()
