@@ -8,6 +8,7 @@ from fastai.imports import *
 from fastai.torch_imports import *
 from fastai.torch_core import *
 from typing import NamedTuple
+from collections.abc import Mapping
 from .model import *
 
 # %% auto #0
@@ -146,6 +147,11 @@ def convert_state_dict(state_dict:dict, # state dict of another implementation
     "Rename the keys of `state_dict`, from the implementation `source`, to those of our `EfficientNet`"
     if source not in LAYOUTS: raise ValueError(f"unknown `source` {source!r}; expected one of {list(LAYOUTS)}")
     lay = LAYOUTS[source]
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"`state_dict` must be a dict of tensors (such as `model.state_dict()`), got {type(state_dict).__name__}")
+    if not state_dict:
+        raise ValueError(f"`state_dict` is empty: expected the tensors of a {source!r} EfficientNet, such as "
+                         f"{', '.join(k + '.weight' for k in list(lay.top)[:2])}")
     top, blocks = _rename_all(state_dict, lay, source)
     ids = sorted(blocks, key=lambda b: (b[0] or 0, b[1]))
     lengths = _lengths_for([blocks[b] for b in ids], model) if ids and ids[0][0] is None else None
