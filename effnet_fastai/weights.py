@@ -8,7 +8,7 @@ from fastai.imports import *
 from fastai.torch_imports import *
 from fastai.torch_core import *
 from typing import NamedTuple
-import hashlib, http.client, pickle, tempfile, warnings
+import argparse, hashlib, http.client, pickle, tempfile, warnings
 from urllib.parse import urlparse
 from urllib.request import urlopen, Request
 from urllib.error import URLError
@@ -17,9 +17,9 @@ from .layers import *
 from .model import *
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'WeightSource', 'weight_source', 'pretrained_kwargs', 'hash_prefix', 'file_sha256', 'check_sha256',
-           'download_weights', 'weights_dir', 'cached_weights', 'read_weights', 'guess_source', 'to_effnet_keys',
-           'adapt_stem', 'inflate_weight', 'adapt_state_dict', 'check_fits', 'load_pretrained']
+__all__ = ['WEIGHTS', 'SAFE_GLOBALS', 'WeightSource', 'weight_source', 'pretrained_kwargs', 'hash_prefix', 'file_sha256',
+           'check_sha256', 'download_weights', 'weights_dir', 'cached_weights', 'read_weights', 'guess_source',
+           'to_effnet_keys', 'adapt_stem', 'inflate_weight', 'adapt_state_dict', 'check_fits', 'load_pretrained']
 
 # %% ../nbs/07_weights.ipynb #63a3fdf0
 class WeightSource(NamedTuple):
@@ -146,25 +146,43 @@ def cached_weights(url, sha256=None, progress=True):
     return download_weights(url, dst, expected, progress=progress)
 
 # %% ../nbs/07_weights.ipynb #b23029e4
+SAFE_GLOBALS = [argparse.Namespace]  # known-safe non-tensor globals of training checkpoints (timm's `args`)
+_PREFIXES = ('module.', '_orig_mod.')  # what DistributedDataParallel / DataParallel and `torch.compile` put before every key
+
+def _strip_prefix(sd):
+    "`sd` without a wrapper's prefix shared by every key"
+    for p in _PREFIXES:
+        if all(k.startswith(p) for k in sd): return {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
 def _unwrap(obj, path):
     for k in ('state_dict', 'model', 'model_state_dict'):
         if isinstance(obj, dict) and isinstance(obj.get(k), dict): obj = obj[k]
     if not (isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values())):
         raise ValueError(f"{path} does not hold a state dict (a dict of tensors), got {type(obj).__name__}")
-    return obj
+    return _strip_prefix(obj)
 
-def read_weights(path):
-    "State dict read from `path` with `weights_only=True` (no code is ever unpickled)"
+def _refused(path, err):
+    "The error for a checkpoint that `weights_only=True` refused: the global named, and how to allow it deliberately"
+    m = re.search(r'GLOBAL ([\w.]+)', str(err))
+    g = m.group(1) if m else 'an object that is not a tensor'
+    return ValueError(f"{path} was refused: it holds more than tensors, namely {g}, which is not among the known-safe globals "
+                      f"({', '.join(f'{o.__module__}.{o.__qualname__}' for o in SAFE_GLOBALS)}); loading it could run code "
+                      f"or build arbitrary objects (weights_only=True stops that). If you trust this file, allow that global "
+                      f"deliberately: `read_weights(path, safe_globals=[{g}])`, or `torch.serialization.add_safe_globals([{g}])` "
+                      f"before `pretrained=`. Error: {first(l.strip() for l in str(err).splitlines() if 'GLOBAL' in l) or err}")
+
+def read_weights(path, safe_globals:list=()): # more globals to allow, besides `SAFE_GLOBALS` (classes you trust)
+    "State dict read from `path` with `weights_only=True`: tensors, plain containers and `SAFE_GLOBALS`, never code"
     path = Path(path)
     try:
         if path.suffix == '.safetensors':
             from safetensors.torch import load_file
             obj = load_file(str(path), device='cpu')
-        else: obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = first(l.strip() for l in str(e).splitlines() if 'unsupported' in l.lower()) or ''
-        raise ValueError(f"{path} was refused: it holds more than tensors (loading it would run code or build "
-                         f"arbitrary objects; weights_only=True stops that). {why}") from None
+        else:
+            with torch.serialization.safe_globals([*SAFE_GLOBALS, *safe_globals]):
+                obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e: raise _refused(path, e) from None
     except Exception as e:
         raise ValueError(f"{path} is not a readable weight file (truncated or corrupt?): {type(e).__name__}: {e}") from None
     return _unwrap(obj, path)

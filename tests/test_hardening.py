@@ -175,6 +175,11 @@ EDGE_CASES = {
     "net padding='valid' (RuntimeError in forward)": ('padding', lambda: tiny(padding='valid')(torch.randn(2, 1, 8, 8))),
     'net input with an empty axis (RuntimeError)': ('x', lambda: tiny().eval()(torch.randn(2, 1, 0, 8))),
     'net integer input (RuntimeError)':           ('x', lambda: tiny().eval()(torch.ones(2, 1, 8, 8, dtype=torch.long))),
+    "net drop_connect_rate='a' (bare comparison TypeError)": ('drop_connect_rate', lambda: tiny(drop_connect_rate='a')),
+    "net dropout_rate=None (bare comparison TypeError)": ('dropout_rate', lambda: tiny(dropout_rate=None)),
+    "block se_ratio='0.25' (bare comparison TypeError)": ('se_ratio', lambda: MBConvBlock(4, 4, 3, 1, '0.25', True, 1, ndim=2)),
+    "DropConnect p='0.2' (bare comparison TypeError)": ('p', lambda: DropConnect('0.2')),
+    "net block_spec stride 's22' (read as 22)":   ('block_spec', lambda: tiny(block_spec=['r1_k3_s2222_e1_i32_o16'])),
 }
 
 @pytest.mark.parametrize('name,fn', list(EDGE_CASES.values()), ids=list(EDGE_CASES))
@@ -257,3 +262,15 @@ def test_autocast_finite(ndim, shape, dtype):
     assert not bad, f'non-finite or missing gradients: {bad[:5]}'
     with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
         assert torch.isfinite(m.eval()(x)).all()
+
+def test_public_names_are_unique():
+    "`from effnet_fastai import *` gives each name once, and each is the object of the one module that defines it"
+    import effnet_fastai
+    names = effnet_fastai.__all__
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+    import importlib, pkgutil
+    mods = [importlib.import_module(f'effnet_fastai.{o.name}') for o in pkgutil.iter_modules(effnet_fastai.__path__)]
+    mods = [m for m in mods if hasattr(m, '__all__')]
+    for n in names:
+        owners = [m for m in mods if n in m.__all__]
+        assert len(owners) == 1 and getattr(effnet_fastai, n) is getattr(owners[0], n), (n, owners)

@@ -297,3 +297,36 @@ def test_monai_file(tmp_path):
     m = efficientnet_b0(pretrained=f, ndim=2, num_classes=1000).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad(): torch.testing.assert_close(m(x), mo(x), atol=1e-4, rtol=1e-4)
+
+def test_timm_training_checkpoint(tmp_path):
+    """A training checkpoint written by timm's own `CheckpointSaver` (`model_best.pth.tar`: state dict, optimizer state,
+    epoch, the run's `args` as an `argparse.Namespace`) loads and gives timm's logits; before, `weights_only=True`
+    refused it for the Namespace (a new user's case ported from timm's train.py --resume workflow)"""
+    import argparse, pickle, timm
+    from timm.utils import CheckpointSaver
+    from test_equivalence import randomize_, rel_diff, TOL
+    torch.manual_seed(5)
+    tm = timm.create_model('tf_efficientnet_b0')
+    x = torch.randn(2, 3, 64, 80)
+    opt = torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9)
+    tm.train()(x).logsumexp(1).mean().backward(); opt.step()  # an optimizer with state, as after training
+    randomize_(tm, x)
+    args = argparse.Namespace(model='tf_efficientnet_b0', lr=0.1, epochs=3, batch_size=2)
+    saver = CheckpointSaver(tm, opt, args=args, checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=0, metric=71.0)
+    f = tmp_path/'model_best.pth.tar'
+    with pytest.raises(pickle.UnpicklingError, match='argparse.Namespace'): torch.load(f, weights_only=True)  # the case is real
+    m = efficientnet_b0(pretrained=f, ndim=2, num_classes=1000)
+    assert rel_diff(tm, m, x) <= TOL
+
+class _Config:  # a harmless class of the user's, not among the known-safe globals
+    def __init__(self, lr): self.lr = lr
+
+def test_unknown_global_named(tmp_path):
+    "Any global besides the known-safe ones is still refused, by name, with the way to allow it deliberately"
+    sd = dict(efficientnet_b0(ndim=2, num_classes=1000).state_dict())
+    f = tmp_path/'odd.pth'; torch.save({'state_dict': sd, 'cfg': _Config(0.1)}, f)
+    m = efficientnet_b0(ndim=2, num_classes=1000); before = _snapshot(m)
+    with pytest.raises(ValueError, match=r'namely test_weights._Config, .*safe_globals=\[test_weights._Config\]'): load_pretrained(m, f)
+    assert _unchanged(m, before)
+    assert W.read_weights(f, safe_globals=[_Config]).keys() == sd.keys()
