@@ -10,7 +10,6 @@ from fastai.torch_core import *
 from fastai.layers import NormType
 from typing import NamedTuple
 from .layers import *
-from .layers import _capturing, _no_hooks
 
 # %% auto #0
 __all__ = ['BLOCK_SPEC', 'SliceableSequential', 'MBConvBlock', 'StageSpec', 'decode_stage', 'encode_stage', 'spec_stride',
@@ -45,13 +44,8 @@ class MBConvBlock(SliceableSequential):
         super().__init__(OrderedDict(layers))
 
     def forward(self, x):
-        own = _no_hooks(*list(self.modules())[1:])  # a hook may keep a sub-layer's output: then none is overwritten
-        if torch.is_grad_enabled() or _capturing() or not own: y = super().forward(x)
-        else:  # inference: squeeze-excitation gates the depthwise output in place (the block's own tensor)
-            y = x
-            for m in self: y = m(y, inplace=y is not x) if isinstance(m, SqueezeExcitation) else m(y)
-        if not self.has_skip: return y
-        return y.add_(x) if own else y + x  # y is the fresh output of the projection: no new tensor
+        y = super().forward(x)
+        return y + x if self.has_skip else y
 
 # %% ../nbs/01_blocks.ipynb #ad1557e9
 BLOCK_SPEC = ['r1_k3_s1_e1_i32_o16_se0.25',  'r2_k3_s2_e6_i16_o24_se0.25',  'r2_k5_s2_e6_i24_o40_se0.25',

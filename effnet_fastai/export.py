@@ -10,6 +10,7 @@ from fastai.torch_core import *
 import copy
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from .layers import *
+from .fast import *
 from .model import *
 
 # %% auto #0
@@ -54,12 +55,12 @@ def fuse(m:nn.Module, # an eval-mode model, e.g. an `EfficientNet`
 def export_program(m:nn.Module, # the model (put in eval mode for the export, then restored)
                    x:Tensor, # an example input: its spatial size is fixed in the program
                    dynamic_batch:bool=True): # let the batch size vary
-    "`torch.export.export` of `m` in eval mode, batch axis dynamic"
+    "`torch.export.export` of `m` in eval mode on its reference layers, batch axis dynamic"
     was = m.training
     try:
         m.eval()
         dyn = ({0: torch.export.Dim('batch', min=1, max=4096)},) if dynamic_batch else None
-        return torch.export.export(m, (x,), dynamic_shapes=dyn)
+        with reference_layers(m): return torch.export.export(m, (x,), dynamic_shapes=dyn)
     finally: m.train(was)
 
 # %% ../nbs/09_export.ipynb #9dac77e0
@@ -69,12 +70,13 @@ def export_onnx(m:nn.Module, # the model (put in eval mode for the export, then 
                 dynamic_batch:bool=True, # let the batch size vary
                 opset:int=18, # ONNX opset version
                 **kwargs): # passed to `torch.onnx.export`
-    "Export `m` in eval mode to ONNX file `fname` (via `torch.export`), batch axis dynamic; returns `fname`"
+    "Export `m` in eval mode on its reference layers to ONNX file `fname` (via `torch.export`), batch axis dynamic; returns `fname`"
     was = m.training
     dyn = ({0: torch.export.Dim('batch', min=1, max=4096)},) if dynamic_batch else None
     try:
         m.eval()
-        torch.onnx.export(m, (x,), str(fname), input_names=['input'], output_names=['output'], opset_version=opset,
-                          dynamic_shapes=dyn, dynamo=True, verbose=False, **kwargs)
+        with reference_layers(m):
+            torch.onnx.export(m, (x,), str(fname), input_names=['input'], output_names=['output'], opset_version=opset,
+                              dynamic_shapes=dyn, dynamo=True, verbose=False, **kwargs)
     finally: m.train(was)
     return fname

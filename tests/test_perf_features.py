@@ -2,8 +2,10 @@
 import copy, warnings
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*')
-from effnet_fastai.layers import DepthwiseConvFn, depthwise_weight_grad, BNActFn, bn_act, Conv3dSame, Conv2dSame
-from effnet_fastai.model import efficientnet_b0, EfficientNet, saved_activation_bytes as saved_bytes
+from effnet_fastai.layers import Conv3dSame, Conv2dSame
+from effnet_fastai.fast import fast_depthwise, BNActFn, set_speed_paths
+from effnet_fastai.model import EfficientNet, saved_activation_bytes as saved_bytes
+from effnet_fastai.factories import efficientnet_b0
 
 def pair(ndim, ni, **kw):
     a = efficientnet_b0(ni=ni, num_classes=3, ndim=ndim, drop_connect_rate=0., dropout_rate=0., **kw).train()
@@ -48,7 +50,7 @@ def test_depthwise_gradcheck_double():
     for ks, pad in (((3,3,3), (1,1,1)), ((5,3,1), (2,1,0))):
         x = torch.randn(2, 2, 6, 5, 4, dtype=torch.float64, requires_grad=True)
         w = torch.randn(2, 1, *ks, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, w: DepthwiseConvFn.apply(x, w, pad), (x, w), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda x, w, pad=pad: fast_depthwise(x, w, pad), (x, w), fast_mode=True)
 
 @pytest.mark.parametrize('C,S,k', [(8,16,3), (12,9,5), (4,(6,11,7),5), (8,(16,16),5), (6,(9,14),(5,3))])
 def test_depthwise_float32_matches_stock(C, S, k):
@@ -60,7 +62,7 @@ def test_depthwise_float32_matches_stock(C, S, k):
     w = torch.randn(C, 1, *ks, requires_grad=True)
     g = torch.randn(2, C, *S)
     conv = F.conv3d if len(S) == 3 else F.conv2d
-    ours = torch.autograd.grad(DepthwiseConvFn.apply(x, w, pad), (x, w), g)
+    ours = torch.autograd.grad(fast_depthwise(x, w, pad), (x, w), g)
     stock = torch.autograd.grad(conv(x, w, None, 1, pad, 1, C), (x, w), g)
     for a, b in zip(ours, stock): assert rel(a, b) < 1e-5, rel(a, b)
 
@@ -71,14 +73,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 def test_depthwise_layer_uses_fast_path_only_where_it_applies(one_thread):
-    dw = Conv3dSame(6, 6, 3, groups=6, bias=False)
+    dw = set_speed_paths(Conv3dSame(6, 6, 3, groups=6, bias=False))
     x = torch.randn(1, 6, 8, 8, 8, requires_grad=True)
+    assert type(Conv3dSame(6, 6, 3, groups=6, bias=False)(x).grad_fn).__name__ != 'DepthwiseConvFnBackward'  # the reference layer
     assert type(dw(x).grad_fn).__name__ == 'DepthwiseConvFnBackward'
     assert type(dw(x[:, :, :2]).grad_fn).__name__ == 'DepthwiseConvFnBackward'  # any size
     x2 = torch.randn(2, 6, 9, 9, requires_grad=True)
-    assert type(Conv2dSame(6, 6, 5, groups=6, bias=False)(x2).grad_fn).__name__ == 'DepthwiseConvFnBackward'
-    assert type(Conv2dSame(6, 6, 3, groups=6, bias=False)(x2).grad_fn).__name__ != 'DepthwiseConvFnBackward'  # 9 taps: stock is faster
-    assert type(Conv3dSame(6, 6, 3, stride=2, groups=6, bias=False)(x).grad_fn).__name__ != 'DepthwiseConvFnBackward'
+    assert type(set_speed_paths(Conv2dSame(6, 6, 5, groups=6, bias=False))(x2).grad_fn).__name__ == 'DepthwiseConvFnBackward'
+    assert type(set_speed_paths(Conv2dSame(6, 6, 3, groups=6, bias=False))(x2).grad_fn).__name__ != 'DepthwiseConvFnBackward'  # 9 taps: stock is faster
+    assert type(set_speed_paths(Conv3dSame(6, 6, 3, stride=2, groups=6, bias=False))(x).grad_fn).__name__ != 'DepthwiseConvFnBackward'
     with torch.no_grad(): assert torch.equal(dw(x), F.conv3d(x, dw.weight, None, 1, 1, 1, 6))
 
 # ------------------------------------------------------------ BatchNorm + SiLU, folded BatchNorm
@@ -94,15 +97,10 @@ def test_model_matches_unfused_modules(one_thread):
     torch.manual_seed(1)
     a, b = pair(3, 1)
     x = torch.randn(2, 1, 24, 20, 22)
-    def plain(m, x):  # every ConvLayerDynamicPadding run as a plain Sequential, every conv as the stock one
-        from effnet_fastai.layers import ConvLayerDynamicPadding, SameConv
-        saved = {}
-        for mod in m.modules():
-            if isinstance(mod, ConvLayerDynamicPadding): saved[mod] = mod.forward; mod.forward = nn.Sequential.forward.__get__(mod)
-            if isinstance(mod, SameConv): mod.fast_depthwise = False
+    def plain(m, x):  # the reference layers
+        m.set_speed_paths(False)
         try: return m(x)
-        finally:
-            for mod, f in saved.items(): mod.forward = f
+        finally: m.set_speed_paths()
     ya, yb = a(x), plain(b, x)
     assert rel(ya, yb) < 1e-5
     ya.pow(2).sum().backward(); yb.pow(2).sum().backward()
@@ -136,10 +134,7 @@ def test_fused_paths_save_less():
     m = efficientnet_b0(ni=1, num_classes=3, ndim=3).train()
     x = torch.randn(2, 1, 32, 32, 32)
     _, ours = saved_bytes(m, x)
-    from effnet_fastai.layers import ConvLayerDynamicPadding
-    for mod in m.modules():
-        if isinstance(mod, ConvLayerDynamicPadding): mod.forward = nn.Sequential.forward.__get__(mod)
-    _, plain = saved_bytes(m, x)
+    _, plain = saved_bytes(m.set_speed_paths(False), x)
     assert ours <= 0.8 * plain, (ours, plain)
 
 # ------------------------------------------------------------ torch.compile
