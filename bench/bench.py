@@ -11,14 +11,14 @@ means ours is faster (for times) or smaller (for memory). Parameter counts are c
 """
 import argparse, datetime, gc, json, os, platform, resource, statistics, subprocess, sys, time, warnings
 warnings.filterwarnings('ignore')
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch, torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path: sys.path.insert(0, ROOT)
 
 # ---------------------------------------------------------------- models
 def ours(ni=3, ndim=3, variant='b0', **kw):
-    from effnet_fastai.model import efficientnet
+    from effnet_fastai.factories import efficientnet
     return efficientnet(variant, ni=ni, ndim=ndim, num_classes=1000, **kw)
 
 def monai(ni=1, variant='b0', **kw):
@@ -219,7 +219,7 @@ def run_gpu_b4_memory(dev):
         r = Runner(m, x, dev, bf16=True, channels_last=True)
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
         try: r.train_step(); out[f'checkpointing={ckpt}'] = torch.cuda.max_memory_allocated()
-        except torch.cuda.OutOfMemoryError as e: out[f'checkpointing={ckpt}'] = f'OOM'
+        except torch.cuda.OutOfMemoryError: out[f'checkpointing={ckpt}'] = 'OOM'
         del m, r; gc.collect()
     return out
 
@@ -257,7 +257,7 @@ def run_meta(args):
                 cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available in this run: no GPU figures")
 
 def write_report(results, meta, path):
-    lines = [f'# Benchmark results', '',
+    lines = ['# Benchmark results', '',
              f'- date: {meta["date"]}',
              f'- machine: {meta["machine"]}',
              f'- {meta["versions"]}',

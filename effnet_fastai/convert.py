@@ -8,7 +8,7 @@ from fastai.imports import *
 from fastai.torch_imports import *
 from fastai.torch_core import *
 from typing import NamedTuple
-from collections.abc import Mapping
+from collections.abc import Mapping, Iterable
 from .model import *
 
 # %% auto #0
@@ -82,16 +82,22 @@ def _listing(what, keys, n_show):
     more = f', ... ({len(items) - n_show} more layers)' if len(items) > n_show else ''
     return f"{len(keys)} {what}: {', '.join(items[:n_show])}{more}"
 
-def match_state_dict(model:nn.Module, state_dict:dict, n_show:int=8): # n_show: layers shown per kind of difference
-    "Check `state_dict` has exactly `model`'s keys and shapes; raise a ValueError listing the differences otherwise"
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and not _filled_by_torch(state_dict, k)]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+def _fits(t, shape, rank): return t.ndim == rank and tuple(t.shape[:len(shape)]) == tuple(shape)
+
+def match_state_dict(model:nn.Module, state_dict:dict,
+                     n_show:int=8, # layers shown per kind of difference
+                     shapes:dict|None=None, # key -> (shape or its leading dims, rank) a tensor needs; default: `model`'s own
+                     optional:Iterable=()): # keys that may be missing (their caller fills them in)
+    "Check `state_dict` has exactly the keys and shapes `model` needs; raise a ValueError listing the differences otherwise"
+    want = shapes if shapes is not None else {k: (tuple(t.shape), t.ndim) for k, t in model.state_dict().items()}
+    optional = set(optional)
+    missing = [k for k in want if k not in state_dict and k not in optional and not _filled_by_torch(state_dict, k)]
+    unexpected = [k for k in state_dict if k not in want]
+    bad = [k for k, (s, r) in want.items() if k in state_dict and not _fits(state_dict[k], s, r)]
     errs = [_listing(w, o, n_show) for w, o in (('missing keys', missing), ('unexpected keys', unexpected)) if o]
-    if shapes: errs.append(f"{len(shapes)} shape mismatches: " + ', '.join(
-        f'{k} {tuple(state_dict[k].shape)} (model: {tuple(own[k].shape)})' for k in shapes[:n_show])
-        + (f', ... ({len(shapes) - n_show} more)' if len(shapes) > n_show else ''))
+    if bad: errs.append(f"{len(bad)} shape mismatches: " + ', '.join(
+        f"{k} {tuple(state_dict[k].shape)} (model: {tuple(want[k][0])}{'+kernel' if len(want[k][0]) < want[k][1] else ''})" for k in bad[:n_show])
+        + (f', ... ({len(bad) - n_show} more)' if len(bad) > n_show else ''))
     if errs:
         name = f"{type(model).__name__}" + (f" (variant {model.variant!r})" if hasattr(model, 'variant') else '')
         raise ValueError(f"the state dict does not fit this {name}: " + '; '.join(errs))

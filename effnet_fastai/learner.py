@@ -7,29 +7,14 @@ from __future__ import annotations
 from fastai.basics import *
 from fastai.callback.all import *
 from fastai.vision.learner import model_meta, create_head, apply_init, _add_norm
-from fastai.vision.core import imagenet_stats
 from fastai.vision.data import get_grid
 from .model import *
-from . import model as _model
+from .factories import *
 from .data import *
 
 # %% auto #0
-__all__ = ['effnet_cut', 'effnet_split', 'AdaptiveConcatPool', 'create_effnet_head', 'effnet_arch', 'model_meta_names',
-           'efficientnet_b0_2d', 'efficientnet_b1_2d', 'efficientnet_b2_2d', 'efficientnet_b3_2d', 'efficientnet_b4_2d',
-           'efficientnet_b5_2d', 'efficientnet_b6_2d', 'efficientnet_b7_2d', 'efficientnet_b8_2d', 'efficientnet_l2_2d',
-           'create_effnet_model', 'cut_model', 'efficientnet_learner', 'show_results', 'ChannelsLast3D', 'AutocastCPU',
-           'to_sync_batchnorm']
-
-# %% ../nbs/05_learner.ipynb #2abc7085
-def effnet_cut(m):
-    "The body of EfficientNet `m`: `stem` to the 1x1 `head` convolution, with their names"
-    names = list(m._modules)
-    if 'head' not in names: raise ValueError(f"`effnet_cut` expects an EfficientNet with a `head` child, got children {names}")
-    return nn.Sequential(OrderedDict(list(m.named_children())[:names.index('head') + 1]))
-
-def effnet_split(m):
-    "Parameter groups of `nn.Sequential(body, head)`: stem and stages 1-4, stages 5-7 and the 1x1 head, the fastai head"
-    return L(m[0][:5], m[0][5:], m[1:]).map(params)
+__all__ = ['AdaptiveConcatPool', 'create_effnet_head', 'create_effnet_model', 'cut_model', 'efficientnet_learner', 'show_results',
+           'ChannelsLast3D', 'AutocastCPU', 'to_sync_batchnorm']
 
 # %% ../nbs/05_learner.ipynb #673cfecb
 class AdaptiveConcatPool(Module):
@@ -45,47 +30,6 @@ def create_effnet_head(nf, n_out, ndim=3, concat_pool=True, **kwargs):
     pool = AdaptiveConcatPool(1, ndim) if concat_pool else getattr(nn, f'AdaptiveAvgPool{ndim}d')(1)
     return nn.Sequential(pool, Flatten(), *create_head(nf * (2 if concat_pool else 1), n_out, pool=False, **kwargs))
 
-# %% ../nbs/05_learner.ipynb #c1b94d35
-_effnet_meta = {'cut': effnet_cut, 'split': effnet_split, 'stats': imagenet_stats}
-
-def effnet_arch(arch):
-    "The EfficientNet factory `arch` names ('b3', 'efficientnet_b3', 'efficientnet_b3_2d'), or `arch` itself"
-    if callable(arch): return arch
-    if not isinstance(arch, str): raise TypeError(f"`arch` must be a factory or its name, got {type(arch).__name__}")
-    name = arch if arch.startswith('efficientnet_') else f'efficientnet_{arch}'
-    f = getattr(_model, name, None) or globals().get(name)
-    if f is None or name not in model_meta_names():
-        raise ValueError(f"unknown EfficientNet architecture {arch!r}; expected e.g. 'b0' ... 'b8', 'l2' or 'efficientnet_b3_2d'")
-    return f
-
-def model_meta_names(): return [f.__name__ for f in model_meta if f.__name__.startswith('efficientnet_')]
-
-# %% ../nbs/05_learner.ipynb #fda5ffff
-@delegates(EfficientNet)
-def efficientnet_b0_2d(pretrained=False, progress=True, **kwargs): return efficientnet('b0', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-@delegates(EfficientNet)
-def efficientnet_b1_2d(pretrained=False, progress=True, **kwargs): return efficientnet('b1', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-@delegates(EfficientNet)
-def efficientnet_b2_2d(pretrained=False, progress=True, **kwargs): return efficientnet('b2', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-@delegates(EfficientNet)
-def efficientnet_b3_2d(pretrained=False, progress=True, **kwargs): return efficientnet('b3', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-@delegates(EfficientNet)
-def efficientnet_b4_2d(pretrained=False, progress=True, **kwargs): return efficientnet('b4', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-@delegates(EfficientNet)
-def efficientnet_b5_2d(pretrained=False, progress=True, **kwargs): return efficientnet('b5', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-@delegates(EfficientNet)
-def efficientnet_b6_2d(pretrained=False, progress=True, **kwargs): return efficientnet('b6', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-@delegates(EfficientNet)
-def efficientnet_b7_2d(pretrained=False, progress=True, **kwargs): return efficientnet('b7', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-@delegates(EfficientNet)
-def efficientnet_b8_2d(pretrained=False, progress=True, **kwargs): return efficientnet('b8', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-@delegates(EfficientNet)
-def efficientnet_l2_2d(pretrained=False, progress=True, **kwargs): return efficientnet('l2', pretrained, progress, **{'ndim':2, 'num_classes':1000, **kwargs})
-
-# %% ../nbs/05_learner.ipynb #677004ae
-for _v in VARIANTS:
-    for _f in (getattr(_model, f'efficientnet_{_v}'), globals()[f'efficientnet_{_v}_2d']): model_meta[_f] = {**_effnet_meta}
-
 # %% ../nbs/05_learner.ipynb #f0212b14
 @delegates(create_effnet_head, but=['nf', 'n_out', 'ndim'])
 def create_effnet_model(arch, n_out, ni=3, ndim=3, pretrained=False, cut=None, init=nn.init.kaiming_normal_,
@@ -94,7 +38,7 @@ def create_effnet_model(arch, n_out, ni=3, ndim=3, pretrained=False, cut=None, i
     "`nn.Sequential(body, head)` of EfficientNet `arch` for `ni` channels, `ndim` spatial dimensions and `n_out` outputs"
     arch = effnet_arch(arch)
     model = arch(pretrained=pretrained, ni=ni, ndim=ndim, **kwargs)
-    body = cut_model(model, ifnone(cut, model_meta.get(arch, _effnet_meta)['cut']))
+    body = cut_model(model, ifnone(cut, model_meta.get(arch, effnet_meta)['cut']))
     head = ifnone(custom_head, create_effnet_head(model.num_features, n_out, ndim, concat_pool=concat_pool,
                   lin_ftrs=lin_ftrs, ps=ps, first_bn=first_bn, bn_final=bn_final, lin_first=lin_first, y_range=y_range))
     if init is not None: apply_init(head, init)
@@ -124,7 +68,7 @@ def efficientnet_learner(dls, arch, n_out=None, pretrained=False, normalize=True
     xb = dls.one_batch()[0]
     ndim, ni = ifnone(ndim, xb.ndim - 2), ifnone(ni, xb.shape[1])
     if normalize and isinstance(xb, TensorVolume): _add_zscore(dls)
-    meta = model_meta.get(arch, _effnet_meta)
+    meta = model_meta.get(arch, effnet_meta)
     if normalize and ndim == 2: _add_norm(dls, meta, pretrained, ni)
     if not pretrained: kwargs.setdefault('bn_momentum', 0.1)
     model = create_effnet_model(arch, n_out, ni=ni, ndim=ndim, pretrained=pretrained, **kwargs)

@@ -87,7 +87,7 @@ def model_summary(model, input_shape):
     finally:
         model.train(training)
         for h in hooks: h.remove()
-    for msg in _collapse_warnings(rows, shape[2:], ndim): warnings.warn(msg)
+    for msg in _collapse_warnings(rows, shape[2:], ndim): warnings.warn(msg, stacklevel=2)
     df = pd.DataFrame([dict(layer=r['layer'], output=r['shape'], params=r['params'], MACs=r['macs']) for r in rows])
     total = pd.DataFrame([dict(layer='total', output=df.output.iloc[-1], params=df.params.sum(), MACs=df.MACs.sum())])
     return pd.concat([df, total], ignore_index=True)

@@ -15,11 +15,12 @@ from urllib.error import URLError
 from fastprogress.fastprogress import progress_bar
 from .layers import *
 from .model import *
+from .convert import *
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'SAFE_GLOBALS', 'WeightSource', 'weight_source', 'pretrained_kwargs', 'hash_prefix', 'file_sha256',
            'check_sha256', 'download_weights', 'weights_dir', 'cached_weights', 'read_weights', 'guess_source',
-           'to_effnet_keys', 'adapt_stem', 'inflate_weight', 'adapt_state_dict', 'check_fits', 'load_pretrained']
+           'to_effnet_keys', 'adapt_stem', 'inflate_weight', 'adapt_state_dict', 'checkpoint_shapes', 'load_pretrained']
 
 # %% ../nbs/07_weights.ipynb #63a3fdf0
 class WeightSource(NamedTuple):
@@ -204,7 +205,6 @@ def to_effnet_keys(sd, source=None):
     "State dict `sd` (from `source`, guessed if None) with our keys"
     source = source or guess_source(sd)
     if source == 'effnet_fastai': return dict(sd)
-    from effnet_fastai.convert import convert_state_dict
     return convert_state_dict(sd, source)
 
 # %% ../nbs/07_weights.ipynb #4657e86e
@@ -262,26 +262,17 @@ def adapt_state_dict(sd, m, inflate='center'):
     return out
 
 # %% ../nbs/07_weights.ipynb #78981d71
-def _listing(what, items, n=6):
-    return f"{len(items)} {what}: {', '.join(items[:n])}" + (f", ... and {len(items) - n} more" if len(items) > n else '')
-
-def check_fits(m, sd):
-    "Raise a ValueError listing differences unless `sd` is a 2D RGB 1000-class checkpoint of `m`'s architecture"
-    own = {k: t for k, t in m.state_dict().items() if not k.startswith('fc.')}
-    own['fc.weight'], own['fc.bias'] = torch.empty(1000, m.num_features, device='meta'), torch.empty(1000, device='meta')
+def checkpoint_shapes(m:nn.Module)->dict:
+    "Key -> (shape or leading dims, rank) of a 2D, RGB, 1000-class checkpoint of `m`'s architecture (for `match_state_dict`)"
     def want(k, t):
-        "(shape or leading dims, rank) a checkpoint's tensor needs: convolutions by channels only, stem with 3"
         if t.ndim != m.ndim + 2: return tuple(t.shape), t.ndim
-        return (t.shape[0], 3 if k == 'stem.0.weight' else t.shape[1]), 4
-    def fits(w, shape, rank): return w.ndim == rank and tuple(w.shape[:len(shape)]) == shape
-    missing = [k for k in own if k not in sd and not k.endswith('num_batches_tracked')]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} (model: {want(k, t)[0]}{'+kernel' if want(k, t)[1] == 4 else ''})"
-              for k, t in own.items() if k in sd and not fits(sd[k], *want(k, t))]
-    errs = [_listing(w, o) for w, o in (('missing keys', missing), ('unexpected keys', unexpected),
-                                        ('tensors of other shapes', shapes)) if o]
-    if errs: raise ValueError('; '.join(errs))
-    return sd
+        return (t.shape[0], 3 if k == 'stem.0.weight' else t.shape[1]), 4  # convolutions: channels, any 2D kernel
+    res = {k: want(k, t) for k, t in m.state_dict().items() if not k.startswith('fc.')}
+    res['fc.weight'], res['fc.bias'] = ((1000, m.num_features), 2), ((1000,), 1)
+    return res
+
+def _match_checkpoint(m, sd):
+    return match_state_dict(m, sd, shapes=checkpoint_shapes(m), optional=[k for k in m.state_dict() if k.endswith('num_batches_tracked')])
 
 # %% ../nbs/07_weights.ipynb #e68a61d2
 def _padding_of(m): return 'same' if isinstance(m.stem[0], SameConv) else 'symmetric'
@@ -292,7 +283,7 @@ def _fetch(m, pretrained, progress):
     if ws is not None:
         for k, v in (ws.model_kwargs or {}).items():
             have = _padding_of(m) if k == 'padding' else getattr(m.stem[1], k[3:], None)
-            if have != v: warnings.warn(f"these weights were trained with {k}={v!r}; this model has {have!r}")
+            if have != v: warnings.warn(f"these weights were trained with {k}={v!r}; this model has {have!r}", stacklevel=2)
         return cached_weights(ws.url, ws.sha256, progress), ws.source
     s = str(pretrained)
     if re.match(r'^[a-z][a-z0-9+.-]*://', s): return cached_weights(s, progress=progress), None
@@ -308,11 +299,11 @@ def load_pretrained(m, pretrained=True, progress=True, inflate='center', source=
     if m.ndim not in (2, 3): raise ValueError(f"2D weights initialise 2D and 3D models, got ndim={m.ndim}")
     path, src = _fetch(m, pretrained, progress)
     raw = read_weights(path)
-    try: sd = check_fits(m, to_effnet_keys(raw, source or src))
+    try: sd = _match_checkpoint(m, to_effnet_keys(raw, source or src))
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path} does not hold EfficientNet-{m.variant} ImageNet weights: {e}") from None
     m.load_state_dict(adapt_state_dict(sd, m, inflate))
     if m.num_classes not in (0, 1000):
         warnings.warn(f"EfficientNet-{m.variant}: body loaded from {Path(path).name}; the classifier `fc` was "
-                      f"re-initialised for num_classes={m.num_classes} (the weights have 1000 ImageNet classes)")
+                      f"re-initialised for num_classes={m.num_classes} (the weights have 1000 ImageNet classes)", stacklevel=2)
     return m

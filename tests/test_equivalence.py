@@ -2,8 +2,8 @@
 import math, warnings
 import pytest, torch
 from torch import nn
-from effnet_fastai.model import efficientnet, EfficientNet
-from effnet_fastai.convert import convert_state_dict, match_state_dict
+from effnet_fastai.factories import efficientnet
+from effnet_fastai.convert import convert_state_dict
 
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*')
 TOL = 1e-5  # max|diff| / max|logit| of float32 logits, as the issue asks: not looser

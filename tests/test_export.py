@@ -5,6 +5,7 @@ import pytest, torch
 from torch import nn
 from effnet_fastai.layers import *
 from effnet_fastai.model import *
+from effnet_fastai.factories import *
 from effnet_fastai.export import *
 
 warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)

@@ -4,7 +4,7 @@ low-precision numerics.
 The hypothesis tests draw constructor arguments and input shapes from the ranges the layers support (and from bad
 values that must be refused by name). `EDGE_CASES` lists calls that once failed with an internal error from deep inside
 torch; each must now raise a clear error naming the argument."""
-import math, re, warnings
+import math
 import pytest, torch
 from torch import nn
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -12,6 +12,7 @@ from fastai.layers import NormType
 from effnet_fastai.layers import *
 from effnet_fastai.blocks import *
 from effnet_fastai.model import *
+from effnet_fastai.factories import *
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 BN_LIMIT = 'more than 1 value per channel'  # torch's BatchNorm error: a batch of one value per channel in training

@@ -6,11 +6,11 @@ from fastai.learner import load_learner
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.callback.progress import ProgressCallback
-import fastai.callback.fp16  # to_fp16, to_bf16
+import fastai.callback.fp16  # noqa: F401  (patches to_fp16, to_bf16 onto Learner)
 from fastai.vision.all import vision_learner, unet_learner, create_body, ImageDataLoaders, PILImage
 from effnet_fastai.layers import Conv2dSame
-from effnet_fastai.model import efficientnet_b0
 from effnet_fastai.data import *
+from effnet_fastai.factories import *
 from effnet_fastai.learner import *
 
 @pytest.fixture(autouse=True)
@@ -128,7 +128,7 @@ def test_fastai_n_in_keeps_same_padding(image_dls, n_in):
     ours = efficientnet_learner(image_dls, 'b0', ni=n_in, ndim=2, normalize=False).model[0].eval()
     x = torch.randn(2, n_in, 225, 161)  # odd sizes: SAME pads the stem asymmetrically only on the even one
     for name, body in bodies.items():
-        assert type(body.stem[0]) is Conv2dSame and body.stem[0].in_channels == n_in, name
+        assert isinstance(body.stem[0], Conv2dSame) and body.stem[0].in_channels == n_in, name
         ours.load_state_dict(body.state_dict())
         with torch.no_grad(): a, b = body.eval()(x), ours(x)
         assert a.shape == (2, 1280, 8, 6), (name, a.shape)

@@ -1,8 +1,8 @@
 "Per-axis strides and kernels for clips, the clip preset, and `model_summary`"
 import math, warnings
 import pytest, torch
-from torch import nn
-from effnet_fastai.model import efficientnet_b0, num_params, EfficientNet
+from effnet_fastai.model import num_params, EfficientNet
+from effnet_fastai.factories import efficientnet_b0
 from effnet_fastai.video import video_preset, VIDEO_KWARGS, model_summary
 
 def _stage_shapes(m, x):

@@ -1,9 +1,8 @@
 "Pretrained weights: downloads from a local HTTP server, every failure path, stem adaptation, head re-init, inflation"
 import hashlib, http.server, io, socket, threading, warnings
-from pathlib import Path
 import pytest, torch
 import effnet_fastai.weights as W
-from effnet_fastai.model import efficientnet_b0, efficientnet_b1
+from effnet_fastai.factories import efficientnet_b0, efficientnet_b1
 from effnet_fastai.weights import WeightSource, load_pretrained
 
 # ---------------------------------------------------------------- a local server serving files the tests make
