@@ -1,4 +1,4 @@
-import os, warnings
+import warnings
 import pytest
 
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*')

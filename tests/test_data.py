@@ -1,7 +1,6 @@
 "Readers, bad files, augmentation and the synthetic datasets"
 import sys
 import numpy as np, pytest, torch
-from pathlib import Path
 from PIL import Image
 from fastai.data.all import DataBlock, CategoryBlock, get_files, parent_label, RandomSplitter
 from effnet_fastai.data import *

@@ -1,7 +1,7 @@
 """Peers' own test cases, ported to our API (their strings, shapes and assertions kept). Each test names the peer test
 it comes from. They caught bugs that gave wrong results without an error (issue 10)."""
 import pytest, torch
-from effnet_fastai.blocks import BLOCK_SPEC, decode_stage, encode_stage, spec_stride
+from effnet_fastai.blocks import decode_stage, encode_stage, spec_stride
 from effnet_fastai.model import EfficientNet, num_params
 from effnet_fastai.convert import convert_state_dict
 from test_equivalence import randomize_, rel_diff, TOL
