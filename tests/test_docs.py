@@ -1,6 +1,7 @@
-"""The documentation site: the builder (`.ci/build_docs.py`) on a small notebook, and a headless-Chromium check of
-the real site's model page (run by `.ci/docs.sh` after it builds `_docs/`)."""
-import html, importlib.util, json, os, re, shutil, subprocess, sys, tempfile
+"""The documentation site: the builder (`.ci/build_docs.py`: nbdev's processors, execution, MkDocs Material with
+mkdocs-jupyter) on small notebooks, and a headless-Chromium check of the real site's model page (built by
+`.ci/docs.sh` into `_docs/`)."""
+import html, importlib.util, json, os, re, shutil, subprocess, tempfile
 from pathlib import Path
 import pytest
 
@@ -59,10 +60,10 @@ def site(tmp_path_factory):
         _cell('#| echo: false\nprint("only the output")'),
         _cell('#| slow\nraise RuntimeError("a slow cell must not run in the default build")', outputs=[COMMITTED]),
         _cell('import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0]);'),
+        _cell('### Usage\n\nA second heading with the same text', 'markdown'),
     ])
-    b = _builder()
     out = tmp / '_docs'
-    b.build(nbs, out, jobs=2, lib_path=tmp / 'nolib')
+    _builder().build(nbs, out, jobs=2)
     return out
 
 def test_page_names():
@@ -71,14 +72,24 @@ def test_page_names():
     assert b.page_name(Path('nbs/index.ipynb'), Path('nbs')) == 'index.html'
     assert b.page_name(Path('nbs/tut/10a_video.ipynb'), Path('nbs')) == 'tut/video.html'
 
+def test_anchors():
+    "Headings get Quarto's identifiers, the ones nbdev writes into `_modidx.py`"
+    b = _builder()
+    assert b._anchor('MBConvBlock.__init__') == 'mbconvblock.__init__'
+    assert b._anchor('efficientnet_b3') == 'efficientnet_b3'
+    assert b._anchor('Gradient checkpointing') == 'gradient-checkpointing'
+    assert b._anchor('<code>Learner</code> &amp; friends') == 'learner-friends'
+
 def test_site_pages_and_navigation(site):
-    assert sorted(p.name for p in site.glob('*.html')) == ['demo.html', 'index.html']
-    for page in ('index.html', 'demo.html'):  # every page lists every page
-        h = (site / page).read_text()
-        assert 'href="index.html"' in h and 'href="demo.html"' in h and 'style.css' in h
+    assert sorted(p.name for p in site.glob('*.html')) == ['404.html', 'demo.html', 'index.html']
+    for page in ('index.html', 'demo.html'):  # every page's navigation lists every page, the index first
+        nav = re.search(r'<nav class="md-nav md-nav--primary".*?</nav>', (site / page).read_text(), re.S).group(0)
+        links = re.findall(r'class="md-nav__link[^"]*"[^>]*href="([^"]+)"|href="([^"]+)"[^>]*class="md-nav__link', nav)
+        assert [a or b for a, b in links if (a or b).endswith('.html')][:2] == ['index.html', 'demo.html']
     idx = (site / 'index.html').read_text()
-    assert '<h1 class="title">Demo site</h1>' in idx and 'The index page' in idx
-    assert 'href="demo.html"' in idx  # the notebook link points at the rendered page
+    assert re.search(r'<h1 id="demo-site">Demo site', idx) and 'The index page' in idx
+    assert '<a href="demo.html">the demo page</a>' in idx  # the notebook link points at the rendered page
+    assert (site / 'assets' / 'javascripts').is_dir() and 'assets/stylesheets/main.' in idx  # Material's theme
 
 def test_site_cells(site):
     h = (site / 'demo.html').read_text(); t = _text(h)
@@ -86,26 +97,37 @@ def test_site_cells(site):
     assert '#|' not in t and 'default_exp' not in t                   # directives stripped
     assert 'return f' not in t                                         # `#| export` source hidden, as in nbdev
     assert 'id="greet"' in h and "def greet(\n    name:str='world', # who to greet" in t and 'Say hello to name' in t
-    assert "greet(\"docs\")\n'hello docs'" in t                        # executed result
+    assert '<span class="k">def</span>' in h                           # the signature is highlighted
+    assert 'greet("docs")' in t and "'hello docs'" in t                # executed result
     assert 'from stdout hidden' in t                                   # stdout of a cell run by the build
     assert 'only the output' in t and 'print("only' not in t           # echo: false
-    assert 'committed output of a slow cell' in t and 'not re-run' in t  # slow cell: not executed, kept output
-    assert re.search(r'<img src="data:image/png;base64,[A-Za-z0-9+/]{100,}', h)  # the plot
-    assert '<table>' in h and '<td>2</td>' in h
-    assert 'href="#usage"' in h                                        # section in the sidebar
+    assert 'committed output of a slow cell' in t and 'a slow cell: not re-run' in t  # slow: kept output, marked
+    assert re.search(r'<img[^>]+src="data:image/png;base64,[A-Za-z0-9+/]{100,}', h)  # the plot
+    assert re.search(r'<table>.*<td>2</td>', h, re.S)
+    toc = re.search(r'<nav class="md-nav md-nav--secondary".*?</nav>', h, re.S).group(0)  # the page's contents
+    assert 'href="#greet"' in toc and 'href="#usage"' in toc and 'href="#usage-1"' in toc
+    assert 'id="usage"' in h and 'id="usage-1"' in h                   # repeated headings get distinct anchors
+    docs = json.loads((site / 'search' / 'search_index.json').read_text())['docs']
+    assert any(d['location'] == 'demo.html#greet' and 'Say hello' in d['text'] for d in docs)
+    page = ' '.join(d['text'] for d in docs if d['location'].startswith('demo.html'))
+    assert page.count('print("from stdout"') == 1 and 'Copied!' not in page  # each cell's source indexed once
 
 def test_browser_demo_site(site):
     dom = _browse(site / 'demo.html', '--dump-dom')
     assert 'Say hello to' in dom and 'id="greet"' in dom and 'data:image/png;base64' in dom
 
-def test_browser_model_page(tmp_path):
-    "The real site (built by `.ci/docs.sh`): the model page shows the variant table and `efficientnet_b3`'s signature"
-    page = DOCS / 'model.html'
+def _real_site(page):
+    page = DOCS / page
     if not page.exists():
         if REQUIRE: pytest.fail(f'{page} was not built')
         pytest.skip(f'{page} not built: run `python .ci/build_docs.py` (or .ci/docs.sh)')
+    return page
+
+def test_browser_model_page():
+    "The real site: the model page shows the variant table and `efficientnet_b3`'s signature"
+    page = _real_site('model.html')
     dom = _browse(page, '--dump-dom')
-    assert '<h1 class="title">Model</h1>' in dom
+    assert re.search(r'<h1 id="model"[^>]*>Model', dom)
     table = re.search(r'<table[^>]*class="dataframe".*?</table>', dom, re.S)
     assert table, 'variant table missing'
     rows = re.findall(r'<tr>\s*<th>(\w+)</th>', table.group(0))
@@ -113,7 +135,7 @@ def test_browser_model_page(tmp_path):
     for col in ('width', 'depth', 'resolution', 'dropout'): assert f'<th>{col}</th>' in table.group(0)
     assert 'id="efficientnet_b3"' in dom
     sig = re.search(r'id="efficientnet_b3".*?<pre>(.*?)</pre>', dom, re.S)
-    text = re.sub(r'<[^>]+>', '', sig.group(1))
+    text = html.unescape(re.sub(r'<[^>]+>', '', sig.group(1)))
     assert text.startswith('def efficientnet_b3(') and 'pretrained:bool=False' in text and 'ndim:int=3' in text
     shot = DOCS / '_screenshots' / 'model.png'
     shot.parent.mkdir(exist_ok=True)
