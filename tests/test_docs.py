@@ -1,8 +1,9 @@
 """The documentation site: the builder (`.ci/build_docs.py`: nbdev's processors, execution, MkDocs Material with
-mkdocs-jupyter) on small notebooks, and a headless-Chromium check of the real site's model page (built by
-`.ci/docs.sh` into `_docs/`)."""
-import html, importlib.util, json, os, re, shutil, subprocess, tempfile
+mkdocs-jupyter) on small notebooks, and headless-Chromium checks of the real site (built by `.ci/docs.sh` into `_docs/`):
+the model page and the site's search."""
+import functools, html, http.server, importlib.util, json, os, re, shutil, subprocess, tempfile, threading
 from pathlib import Path
+from urllib.parse import urlparse
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,75 @@ def _browse(page, *args, size='1400,2400'):
                             Path(page).resolve().as_uri()], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
+
+def _browse_eval(url, expr, timeout=60):
+    "Load `url` in headless Chromium, wait for its load event, return the awaited value of the JavaScript `expr`"
+    exe = _chromium()
+    cmd_r, cmd_w = os.pipe(); out_r, out_w = os.pipe()  # the DevTools protocol over a pipe: no extra package
+    def fds():  # the browser reads commands on fd 3 and writes replies on fd 4
+        a, b = os.dup(cmd_r), os.dup(out_w); os.dup2(a, 3); os.dup2(b, 4)
+    prof = tempfile.mkdtemp()
+    p = subprocess.Popen([exe, *CHROME_FLAGS, f'--user-data-dir={prof}', '--remote-debugging-pipe', 'about:blank'],
+                         preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(cmd_r); os.close(out_w)
+    timer = threading.Timer(timeout, p.kill); timer.start()
+    w, buf, n = os.fdopen(cmd_w, 'wb'), b'', 0
+    def recv(pred):
+        nonlocal buf
+        while True:
+            while b'\0' in buf:
+                m, buf = buf.split(b'\0', 1); m = json.loads(m)
+                if pred(m): return m
+            d = os.read(out_r, 1 << 16)
+            if not d: raise RuntimeError('chromium exited (or timed out)')
+            buf += d
+    def call(method, session=None, **params):
+        nonlocal n; n += 1; i = n
+        w.write(json.dumps(dict(id=i, method=method, params=params, **({'sessionId': session} if session else {})))
+                .encode() + b'\0'); w.flush()
+        m = recv(lambda m: m.get('id') == i)
+        if 'error' in m: raise RuntimeError(m['error'])
+        return m['result']
+    try:
+        tid = call('Target.createTarget', url='about:blank')['targetId']
+        sid = call('Target.attachToTarget', targetId=tid, flatten=True)['sessionId']
+        call('Page.enable', sid)
+        call('Page.navigate', sid, url=url)
+        recv(lambda m: m.get('method') == 'Page.loadEventFired')
+        r = call('Runtime.evaluate', sid, expression=expr, awaitPromise=True, returnByValue=True)
+        if 'exceptionDetails' in r: raise AssertionError(r['exceptionDetails'].get('exception', {}).get('description'))
+        return r['result'].get('value')
+    finally:
+        try: call('Browser.close')
+        except Exception: pass
+        try: p.wait(10)
+        except subprocess.TimeoutExpired: p.kill(); p.wait()
+        timer.cancel(); w.close(); os.close(out_r)
+        shutil.rmtree(prof, ignore_errors=True)
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+def _served(site):
+    "Serve `site` over HTTP on a free local port (the search index is fetched by a web worker: not from file://)"
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_Quiet, directory=str(site)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+# Material opens its search with the `q` query parameter; wait for the results and return their links
+SEARCH_RESULTS = '''new Promise((resolve, reject) => { const t0 = Date.now(); const poll = () => {
+  const links = [...document.querySelectorAll('.md-search-result__item a')].map(a => a.getAttribute('href'));
+  if (links.length) resolve(links);
+  else if (Date.now() - t0 > 30000) reject(new Error('no search result: ' +
+    (document.querySelector('.md-search-result__meta') || {}).textContent));
+  else setTimeout(poll, 100); }; poll(); })'''
+
+def _search(site, query):
+    "The result links of the site's own search box for `query`, as paths relative to `site`"
+    srv = _served(site)
+    try: links = _browse_eval(f'http://127.0.0.1:{srv.server_port}/index.html?q={query}', SEARCH_RESULTS)
+    finally: srv.shutdown(); srv.server_close()
+    return [urlparse(l).path.lstrip('/') + (f'#{urlparse(l).fragment}' if urlparse(l).fragment else '') for l in links]
 
 def _text(h): return html.unescape(re.sub(r'<[^>]+>', '', h))
 
@@ -116,6 +186,9 @@ def test_browser_demo_site(site):
     dom = _browse(site / 'demo.html', '--dump-dom')
     assert 'Say hello to' in dom and 'id="greet"' in dom and 'data:image/png;base64' in dom
 
+def test_browser_demo_search(site):
+    assert 'demo.html#greet' in _search(site, 'greet')
+
 def _real_site(page):
     page = DOCS / page
     if not page.exists():
@@ -141,3 +214,11 @@ def test_browser_model_page():
     shot.parent.mkdir(exist_ok=True)
     _browse(page, f'--screenshot={shot}', size='1400,5200')  # tall enough for the variant table and efficientnet_b3
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+def test_browser_search_dropconnect():
+    "The real site: the search box finds `DropConnect` on its page, the layers page"
+    _real_site('layers.html')
+    docs = json.loads((DOCS / 'search' / 'search_index.json').read_text())['docs']
+    assert any(d['location'] == 'layers.html#dropconnect' and d['title'] == 'DropConnect' for d in docs)
+    results = _search(DOCS, 'DropConnect')
+    assert 'layers.html#dropconnect' in results, results
