@@ -1,7 +1,9 @@
-"""The documentation site: the builder (`.ci/build_docs.py`) on a small notebook, and a headless-Chromium check of
-the real site's model page (run by `.ci/docs.sh` after it builds `_docs/`)."""
-import html, importlib.util, json, os, re, shutil, subprocess, sys, tempfile
+"""The documentation site: the builder (`.ci/build_docs.py`: nbdev's processors, execution, MkDocs Material with
+mkdocs-jupyter) on small notebooks, and headless-Chromium checks of the real site (built by `.ci/docs.sh` into `_docs/`):
+the model page and the site's search."""
+import functools, html, http.server, importlib.util, json, os, re, shutil, subprocess, tempfile, threading
 from pathlib import Path
+from urllib.parse import urlparse
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,75 @@ def _browse(page, *args, size='1400,2400'):
                             Path(page).resolve().as_uri()], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
+
+def _browse_eval(url, expr, timeout=60):
+    "Load `url` in headless Chromium, wait for its load event, return the awaited value of the JavaScript `expr`"
+    exe = _chromium()
+    cmd_r, cmd_w = os.pipe(); out_r, out_w = os.pipe()  # the DevTools protocol over a pipe: no extra package
+    def fds():  # the browser reads commands on fd 3 and writes replies on fd 4
+        a, b = os.dup(cmd_r), os.dup(out_w); os.dup2(a, 3); os.dup2(b, 4)
+    prof = tempfile.mkdtemp()
+    p = subprocess.Popen([exe, *CHROME_FLAGS, f'--user-data-dir={prof}', '--remote-debugging-pipe', 'about:blank'],
+                         preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(cmd_r); os.close(out_w)
+    timer = threading.Timer(timeout, p.kill); timer.start()
+    w, buf, n = os.fdopen(cmd_w, 'wb'), b'', 0
+    def recv(pred):
+        nonlocal buf
+        while True:
+            while b'\0' in buf:
+                m, buf = buf.split(b'\0', 1); m = json.loads(m)
+                if pred(m): return m
+            d = os.read(out_r, 1 << 16)
+            if not d: raise RuntimeError('chromium exited (or timed out)')
+            buf += d
+    def call(method, session=None, **params):
+        nonlocal n; n += 1; i = n
+        w.write(json.dumps(dict(id=i, method=method, params=params, **({'sessionId': session} if session else {})))
+                .encode() + b'\0'); w.flush()
+        m = recv(lambda m: m.get('id') == i)
+        if 'error' in m: raise RuntimeError(m['error'])
+        return m['result']
+    try:
+        tid = call('Target.createTarget', url='about:blank')['targetId']
+        sid = call('Target.attachToTarget', targetId=tid, flatten=True)['sessionId']
+        call('Page.enable', sid)
+        call('Page.navigate', sid, url=url)
+        recv(lambda m: m.get('method') == 'Page.loadEventFired')
+        r = call('Runtime.evaluate', sid, expression=expr, awaitPromise=True, returnByValue=True)
+        if 'exceptionDetails' in r: raise AssertionError(r['exceptionDetails'].get('exception', {}).get('description'))
+        return r['result'].get('value')
+    finally:
+        try: call('Browser.close')
+        except Exception: pass
+        try: p.wait(10)
+        except subprocess.TimeoutExpired: p.kill(); p.wait()
+        timer.cancel(); w.close(); os.close(out_r)
+        shutil.rmtree(prof, ignore_errors=True)
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+def _served(site):
+    "Serve `site` over HTTP on a free local port (the search index is fetched by a web worker: not from file://)"
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_Quiet, directory=str(site)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+# Material opens its search with the `q` query parameter; wait for the results and return their links
+SEARCH_RESULTS = '''new Promise((resolve, reject) => { const t0 = Date.now(); const poll = () => {
+  const links = [...document.querySelectorAll('.md-search-result__item a')].map(a => a.getAttribute('href'));
+  if (links.length) resolve(links);
+  else if (Date.now() - t0 > 30000) reject(new Error('no search result: ' +
+    (document.querySelector('.md-search-result__meta') || {}).textContent));
+  else setTimeout(poll, 100); }; poll(); })'''
+
+def _search(site, query):
+    "The result links of the site's own search box for `query`, as paths relative to `site`"
+    srv = _served(site)
+    try: links = _browse_eval(f'http://127.0.0.1:{srv.server_port}/index.html?q={query}', SEARCH_RESULTS)
+    finally: srv.shutdown(); srv.server_close()
+    return [urlparse(l).path.lstrip('/') + (f'#{urlparse(l).fragment}' if urlparse(l).fragment else '') for l in links]
 
 def _text(h): return html.unescape(re.sub(r'<[^>]+>', '', h))
 
@@ -59,10 +130,10 @@ def site(tmp_path_factory):
         _cell('#| echo: false\nprint("only the output")'),
         _cell('#| slow\nraise RuntimeError("a slow cell must not run in the default build")', outputs=[COMMITTED]),
         _cell('import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0]);'),
+        _cell('### Usage\n\nA second heading with the same text', 'markdown'),
     ])
-    b = _builder()
     out = tmp / '_docs'
-    b.build(nbs, out, jobs=2, lib_path=tmp / 'nolib')
+    _builder().build(nbs, out, jobs=2)
     return out
 
 def test_page_names():
@@ -71,14 +142,24 @@ def test_page_names():
     assert b.page_name(Path('nbs/index.ipynb'), Path('nbs')) == 'index.html'
     assert b.page_name(Path('nbs/tut/10a_video.ipynb'), Path('nbs')) == 'tut/video.html'
 
+def test_anchors():
+    "Headings get Quarto's identifiers, the ones nbdev writes into `_modidx.py`"
+    b = _builder()
+    assert b._anchor('MBConvBlock.__init__') == 'mbconvblock.__init__'
+    assert b._anchor('efficientnet_b3') == 'efficientnet_b3'
+    assert b._anchor('Gradient checkpointing') == 'gradient-checkpointing'
+    assert b._anchor('<code>Learner</code> &amp; friends') == 'learner-friends'
+
 def test_site_pages_and_navigation(site):
-    assert sorted(p.name for p in site.glob('*.html')) == ['demo.html', 'index.html']
-    for page in ('index.html', 'demo.html'):  # every page lists every page
-        h = (site / page).read_text()
-        assert 'href="index.html"' in h and 'href="demo.html"' in h and 'style.css' in h
+    assert sorted(p.name for p in site.glob('*.html')) == ['404.html', 'demo.html', 'index.html']
+    for page in ('index.html', 'demo.html'):  # every page's navigation lists every page, the index first
+        nav = re.search(r'<nav class="md-nav md-nav--primary".*?</nav>', (site / page).read_text(), re.S).group(0)
+        links = re.findall(r'class="md-nav__link[^"]*"[^>]*href="([^"]+)"|href="([^"]+)"[^>]*class="md-nav__link', nav)
+        assert [a or b for a, b in links if (a or b).endswith('.html')][:2] == ['index.html', 'demo.html']
     idx = (site / 'index.html').read_text()
-    assert '<h1 class="title">Demo site</h1>' in idx and 'The index page' in idx
-    assert 'href="demo.html"' in idx  # the notebook link points at the rendered page
+    assert re.search(r'<h1 id="demo-site">Demo site', idx) and 'The index page' in idx
+    assert '<a href="demo.html">the demo page</a>' in idx  # the notebook link points at the rendered page
+    assert (site / 'assets' / 'javascripts').is_dir() and 'assets/stylesheets/main.' in idx  # Material's theme
 
 def test_site_cells(site):
     h = (site / 'demo.html').read_text(); t = _text(h)
@@ -86,26 +167,40 @@ def test_site_cells(site):
     assert '#|' not in t and 'default_exp' not in t                   # directives stripped
     assert 'return f' not in t                                         # `#| export` source hidden, as in nbdev
     assert 'id="greet"' in h and "def greet(\n    name:str='world', # who to greet" in t and 'Say hello to name' in t
-    assert "greet(\"docs\")\n'hello docs'" in t                        # executed result
+    assert '<span class="k">def</span>' in h                           # the signature is highlighted
+    assert 'greet("docs")' in t and "'hello docs'" in t                # executed result
     assert 'from stdout hidden' in t                                   # stdout of a cell run by the build
     assert 'only the output' in t and 'print("only' not in t           # echo: false
-    assert 'committed output of a slow cell' in t and 'not re-run' in t  # slow cell: not executed, kept output
-    assert re.search(r'<img src="data:image/png;base64,[A-Za-z0-9+/]{100,}', h)  # the plot
-    assert '<table>' in h and '<td>2</td>' in h
-    assert 'href="#usage"' in h                                        # section in the sidebar
+    assert 'committed output of a slow cell' in t and 'a slow cell: not re-run' in t  # slow: kept output, marked
+    assert re.search(r'<img[^>]+src="data:image/png;base64,[A-Za-z0-9+/]{100,}', h)  # the plot
+    assert re.search(r'<table>.*<td>2</td>', h, re.S)
+    toc = re.search(r'<nav class="md-nav md-nav--secondary".*?</nav>', h, re.S).group(0)  # the page's contents
+    assert 'href="#greet"' in toc and 'href="#usage"' in toc and 'href="#usage-1"' in toc
+    assert 'id="usage"' in h and 'id="usage-1"' in h                   # repeated headings get distinct anchors
+    docs = json.loads((site / 'search' / 'search_index.json').read_text())['docs']
+    assert any(d['location'] == 'demo.html#greet' and 'Say hello' in d['text'] for d in docs)
+    page = ' '.join(d['text'] for d in docs if d['location'].startswith('demo.html'))
+    assert page.count('print("from stdout"') == 1 and 'Copied!' not in page  # each cell's source indexed once
 
 def test_browser_demo_site(site):
     dom = _browse(site / 'demo.html', '--dump-dom')
     assert 'Say hello to' in dom and 'id="greet"' in dom and 'data:image/png;base64' in dom
 
-def test_browser_model_page(tmp_path):
-    "The real site (built by `.ci/docs.sh`): the model page shows the variant table and `efficientnet_b3`'s signature"
-    page = DOCS / 'model.html'
+def test_browser_demo_search(site):
+    assert 'demo.html#greet' in _search(site, 'greet')
+
+def _real_site(page):
+    page = DOCS / page
     if not page.exists():
         if REQUIRE: pytest.fail(f'{page} was not built')
         pytest.skip(f'{page} not built: run `python .ci/build_docs.py` (or .ci/docs.sh)')
+    return page
+
+def test_browser_model_page():
+    "The real site: the model page shows the variant table and `efficientnet_b3`'s signature"
+    page = _real_site('model.html')
     dom = _browse(page, '--dump-dom')
-    assert '<h1 class="title">Model</h1>' in dom
+    assert re.search(r'<h1 id="model"[^>]*>Model', dom)
     table = re.search(r'<table[^>]*class="dataframe".*?</table>', dom, re.S)
     assert table, 'variant table missing'
     rows = re.findall(r'<tr>\s*<th>(\w+)</th>', table.group(0))
@@ -113,9 +208,17 @@ def test_browser_model_page(tmp_path):
     for col in ('width', 'depth', 'resolution', 'dropout'): assert f'<th>{col}</th>' in table.group(0)
     assert 'id="efficientnet_b3"' in dom
     sig = re.search(r'id="efficientnet_b3".*?<pre>(.*?)</pre>', dom, re.S)
-    text = re.sub(r'<[^>]+>', '', sig.group(1))
+    text = html.unescape(re.sub(r'<[^>]+>', '', sig.group(1)))
     assert text.startswith('def efficientnet_b3(') and 'pretrained:bool=False' in text and 'ndim:int=3' in text
     shot = DOCS / '_screenshots' / 'model.png'
     shot.parent.mkdir(exist_ok=True)
     _browse(page, f'--screenshot={shot}', size='1400,5200')  # tall enough for the variant table and efficientnet_b3
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+def test_browser_search_dropconnect():
+    "The real site: the search box finds `DropConnect` on its page, the layers page"
+    _real_site('layers.html')
+    docs = json.loads((DOCS / 'search' / 'search_index.json').read_text())['docs']
+    assert any(d['location'] == 'layers.html#dropconnect' and d['title'] == 'DropConnect' for d in docs)
+    results = _search(DOCS, 'DropConnect')
+    assert 'layers.html#dropconnect' in results, results
