@@ -26,8 +26,9 @@ class SliceableSequential(nn.Sequential):
 class MBConvBlock(SliceableSequential):
     "Mobile inverted bottleneck: expand 1x1, depthwise kxk(xk), squeeze-excitation, project 1x1, residual"
     @delegates(ConvLayerDynamicPadding, but=['ni', 'nf', 'ks', 'stride', 'groups', 'act_cls', 'ndim', 'norm_type'])
-    def __init__(self, n_inp, n_out, kernel_size, stride, se_ratio, id_skip, expand_ratio, drop_connect_rate=0.2,
-                 act_cls=nn.SiLU, norm_type=NormType.Batch, ndim=3, **kwargs):
+    def __init__(self, n_inp:int, n_out:int, kernel_size:int|tuple, stride:int|tuple, se_ratio:float, id_skip:bool,
+                 expand_ratio:int, drop_connect_rate:float=0.2, act_cls:type=nn.SiLU, norm_type:NormType=NormType.Batch,
+                 ndim:int=3, **kwargs):
         check_ndim(ndim)
         if not (is_int(expand_ratio) and expand_ratio >= 1): raise ValueError(f"`expand_ratio` must be an int >= 1, got {expand_ratio!r}")
         if not (is_real(se_ratio) and 0 <= se_ratio <= 1): raise ValueError(f"`se_ratio` must be a number in [0, 1], got {se_ratio!r}")
@@ -96,7 +97,7 @@ def spec_stride(stride:int|tuple, ndim:int, what:str='stride')->tuple:
     return tuple(stride)
 
 # %% ../nbs/01_blocks.ipynb #2fea322e
-def round_filters(filters, width_coefficient=1.0, depth_divisor=8, min_depth=None):
+def round_filters(filters:int, width_coefficient:float=1.0, depth_divisor:int=8, min_depth:int|None=None)->int:
     "Scale a channel count by `width_coefficient` and round it to a multiple of `depth_divisor` (the reference rule)"
     filters *= width_coefficient
     min_depth = min_depth or depth_divisor
@@ -104,6 +105,6 @@ def round_filters(filters, width_coefficient=1.0, depth_divisor=8, min_depth=Non
     if new < 0.9 * filters: new += depth_divisor
     return int(new)
 
-def round_repeats(repeats, depth_coefficient=1.0):
+def round_repeats(repeats:int, depth_coefficient:float=1.0)->int:
     "Scale a stage's number of blocks by `depth_coefficient`, rounding up"
     return int(math.ceil(depth_coefficient * repeats))

@@ -58,21 +58,21 @@ def _rebuilds(conv, same):
             and all(getattr(conv, a) == getattr(same, a) for a in ('kernel_size', 'stride', 'dilation', 'padding')))
 
 # %% ../nbs/00_layers.ipynb #f6c8be6e
-def check_ndim(ndim):
+def check_ndim(ndim:int)->int:
     "Validate the number of spatial dimensions, naming the argument"
     if ndim not in (1, 2, 3): raise ValueError(f"`ndim` must be 1, 2 or 3 (spatial dimensions), got {ndim!r}")
     return ndim
 
 # %% ../nbs/00_layers.ipynb #88eb936d
-def is_int(o):
+def is_int(o)->bool:
     "True for Python and NumPy integers, False for bools"
     return isinstance(o, numbers.Integral) and not isinstance(o, bool)
 
-def is_real(o):
+def is_real(o)->bool:
     "True for Python and NumPy real numbers (ints and floats), False for bools"
     return isinstance(o, numbers.Real) and not isinstance(o, bool)
 
-def to_tuple(x, ndim, name='ks'):
+def to_tuple(x:int|tuple, ndim:int, name:str='ks')->tuple:
     "Broadcast an int to `ndim` entries, or check a sequence has one entry per spatial axis"
     if is_int(x): x = (x,)*ndim
     if isinstance(x, str) or not isinstance(x, Iterable) or not all(is_int(o) for o in x):
@@ -83,14 +83,14 @@ def to_tuple(x, ndim, name='ks'):
     return x
 
 # %% ../nbs/00_layers.ipynb #42573b57
-def same_padding(sz, ks, stride=1, dilation=1):
+def same_padding(sz:int, ks:int, stride:int=1, dilation:int=1)->tuple:
     "TensorFlow 'SAME' padding `(before, after)` of one axis of size `sz`"
     out = -(-sz // stride)
     total = max((out - 1) * stride + (ks - 1) * dilation + 1 - sz, 0)
     return total // 2, total - total // 2
 
 # %% ../nbs/00_layers.ipynb #cf3c3824
-def pad_for(szs, ks, stride, dilation):
+def pad_for(szs:tuple, ks:tuple, stride:tuple, dilation:tuple)->list:
     "Flat `F.pad` argument giving SAME padding to spatial sizes `szs`"
     pads = [same_padding(sz, k, s, d) for sz, k, s, d in zip(szs, ks, stride, dilation)]
     return [p for pair in reversed(pads) for p in pair]
@@ -174,7 +174,7 @@ def _conv_for(ni, nf, ks, stride, bias, ndim, transpose, padding, dilation, grou
 # %% ../nbs/00_layers.ipynb #2efbd802
 class DropConnect(Module):
     "Per-sample stochastic depth (timm's `DropPath`): drop a sample's branch with probability `p`, rescale the rest"
-    def __init__(self, p=0.):
+    def __init__(self, p:float=0.):
         if not (is_real(p) and 0 <= p < 1): raise ValueError(f"DropConnect: `p` must be a number in [0, 1), got {p!r}")
         self.p = float(p)
 

@@ -62,7 +62,7 @@ def _per_stage(v, n, name):
     if len(v) != n: raise ValueError(f"`{name}` needs one entry per stage ({n}), got {len(v)}")
     return v
 
-def init_effnet_(m):
+def init_effnet_(m:nn.Module)->nn.Module:
     "Reference initialisation (torchvision's): fan-out normal convolutions, unit BatchNorm, uniform `1/sqrt(out)` linear layers"
     for o in m.modules():
         if isinstance(o, nn.modules.conv._ConvNd):
@@ -77,17 +77,17 @@ def init_effnet_(m):
 # %% ../nbs/02_model.ipynb #fa9f616f
 class EfficientNet(SliceableSequential):
     "EfficientNet for `ndim` spatial dimensions as a flat `nn.Sequential`: stem, seven stages, head, classifier"
-    def __init__(self, ni=3, num_classes=101, width_coefficient=1.0, depth_coefficient=1.0, dropout_rate=0.2,
-                 drop_connect_rate=0.2, depth_divisor=8, min_depth=None, act_cls=nn.SiLU, norm_type=NormType.Batch,
-                 ndim=3,
-                 stem_stride=2, # stride of the stem; a tuple such as `(1,2,2)` keeps the frames of a clip
-                 strides=None, # one stride per stage, replacing the block spec's (ints or per-axis tuples)
-                 kernels=None, # one kernel size per stage, replacing the block spec's (ints or per-axis tuples)
-                 block_spec=BLOCK_SPEC, # stage strings, see `decode_stage`
-                 padding='same', # 'same' (TensorFlow, the reference) or 'symmetric' (torchvision)
-                 bn_eps=1e-3, bn_momentum=0.01, # TensorFlow's values; torchvision b0-b4 use 1e-5 and 0.1
-                 grad_checkpointing=False, # recompute each stage's activations in the backward pass
-                 speed_paths=True): # the CPU speed paths of `effnet_fastai.fast` (same outputs); see `set_speed_paths`
+    def __init__(self, ni:int=3, num_classes:int=101, width_coefficient:float=1.0, depth_coefficient:float=1.0,
+                 dropout_rate:float=0.2, drop_connect_rate:float=0.2, depth_divisor:int=8, min_depth:int|None=None,
+                 act_cls:type=nn.SiLU, norm_type:NormType=NormType.Batch, ndim:int=3,
+                 stem_stride:int|tuple=2, # stride of the stem; a tuple such as `(1,2,2)` keeps the frames of a clip
+                 strides:list|None=None, # one stride per stage, replacing the block spec's (ints or per-axis tuples)
+                 kernels:list|None=None, # one kernel size per stage, replacing the block spec's (ints or per-axis tuples)
+                 block_spec:list=BLOCK_SPEC, # stage strings, see `decode_stage`
+                 padding:str='same', # 'same' (TensorFlow, the reference) or 'symmetric' (torchvision)
+                 bn_eps:float=1e-3, bn_momentum:float=0.01, # TensorFlow's values; torchvision b0-b4 use 1e-5 and 0.1
+                 grad_checkpointing:bool=False, # recompute each stage's activations in the backward pass
+                 speed_paths:bool=True): # the CPU speed paths of `effnet_fastai.fast` (same outputs); see `set_speed_paths`
         check_ndim(ndim)
         _check_args(ni, num_classes, width_coefficient, depth_coefficient, dropout_rate, drop_connect_rate, depth_divisor,
                     min_depth, block_spec, padding)
@@ -163,7 +163,7 @@ VARIANTS = {
     'l2': Variant(4.3, 5.3, 800, 0.5)}
 
 # %% ../nbs/02_model.ipynb #e0a8199c
-def num_params(m):
+def num_params(m:nn.Module)->int:
     "Number of parameters of `m`"
     return sum(p.numel() for p in m.parameters())
 

@@ -64,7 +64,7 @@ def _collapse_warnings(rows, in_shape, ndim):
                         "on that axis (`stem_stride`/`strides`, e.g. `video_preset`) or a larger input")
     return msgs
 
-def model_summary(model, input_shape):
+def model_summary(model:nn.Module, input_shape:tuple)->pd.DataFrame:
     "DataFrame of each top-level layer's output shape, parameters and multiply-adds; warns when an axis collapses early"
     ndim = getattr(model, 'ndim', len(input_shape) - 1)
     shape = tuple(input_shape)
