@@ -15,7 +15,8 @@ from .blocks import *
 from .fast import *
 
 # %% auto #0
-__all__ = ['VARIANTS', 'EfficientNetStage', 'init_effnet_', 'EfficientNet', 'Variant', 'num_params', 'saved_activation_bytes']
+__all__ = ['VARIANTS', 'EfficientNetStage', 'init_effnet_', 'EfficientNet', 'Variant', 'num_params', 'calibrate_bn_',
+           'saved_activation_bytes']
 
 # %% ../nbs/02_model.ipynb #510b2e21
 @contextmanager
@@ -166,6 +167,17 @@ VARIANTS = {
 def num_params(m:nn.Module)->int:
     "Number of parameters of `m`"
     return sum(p.numel() for p in m.parameters())
+
+# %% ../nbs/02_model.ipynb #9fd5cd6a
+def calibrate_bn_(model:nn.Module, x:Tensor)->nn.Module:
+    "Set the running statistics of every BatchNorm of `model` to its layer's statistics on the batch `x` (in eval mode)"
+    bns = [o for o in model.modules() if isinstance(o, nn.modules.batchnorm._BatchNorm)]
+    moms = [o.momentum for o in bns]
+    model.eval()  # dropout and drop-connect off: only BatchNorm measures
+    for o in bns: o.reset_running_stats(); o.momentum = None; o.train()  # a cumulative average: the batch's statistics
+    with torch.no_grad(): model(x)
+    for o, mom in zip(bns, moms): o.momentum = mom
+    return model.eval()
 
 # %% ../nbs/02_model.ipynb #e19cca13
 def saved_activation_bytes(model, *args, **kwargs):

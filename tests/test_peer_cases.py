@@ -4,7 +4,7 @@ import pytest, torch
 from effnet_fastai.blocks import decode_stage, encode_stage, spec_stride
 from effnet_fastai.model import EfficientNet, num_params
 from effnet_fastai.convert import convert_state_dict
-from test_equivalence import randomize_, rel_diff, TOL
+from helpers import randomize_, rel_diff, TOL
 
 def get_block_args():
     "MONAI tests/test_efficientnet.py::get_block_args, verbatim: the reference's strings, a stride digit per axis"

@@ -303,7 +303,7 @@ def test_timm_training_checkpoint(tmp_path):
     refused it for the Namespace (a new user's case ported from timm's train.py --resume workflow)"""
     import argparse, pickle, timm
     from timm.utils import CheckpointSaver
-    from test_equivalence import randomize_, rel_diff, TOL
+    from helpers import randomize_, rel_diff, TOL
     torch.manual_seed(5)
     tm = timm.create_model('tf_efficientnet_b0')
     x = torch.randn(2, 3, 64, 80)
