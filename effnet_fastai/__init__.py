@@ -15,6 +15,7 @@ from .weights import *
 from .video import *
 from .data import *
 from .learner import *
+from .checkpoint import *
 from .export import *
-from . import layers, blocks, model, convert, weights, video, data, learner, export
-__all__ = [n for m in (layers, blocks, model, convert, weights, video, data, learner, export) for n in m.__all__]
+from . import layers, blocks, model, convert, weights, video, data, learner, checkpoint, export
+__all__ = [n for m in (layers, blocks, model, convert, weights, video, data, learner, checkpoint, export) for n in m.__all__]
