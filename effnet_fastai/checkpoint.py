@@ -86,6 +86,7 @@ class Checkpoint(Callback):
         if self.epoch < self.start: self.old_logger, self.learn.logger = self.learn.logger, noop
 
     def before_train(self):
+        "Refuse a fit that trains without continuing the pending checkpoint; a new fit starts a new table"
         if self.resume is not None: self._check(self.resume)
         if self.epoch == 0: self.rows = []
         self.in_fit = True
