@@ -17,6 +17,7 @@ from .factories import *
 from .video import *
 from .data import *
 from .learner import *
+from .checkpoint import *
 from .export import *
-from . import layers, blocks, fast, model, convert, weights, factories, video, data, learner, export
-__all__ = [n for m in (layers, blocks, fast, model, convert, weights, factories, video, data, learner, export) for n in m.__all__]
+from . import layers, blocks, fast, model, convert, weights, factories, video, data, learner, checkpoint, export
+__all__ = [n for m in (layers, blocks, fast, model, convert, weights, factories, video, data, learner, checkpoint, export) for n in m.__all__]

@@ -6,15 +6,18 @@
 from __future__ import annotations
 import time, warnings
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*')  # fastai's import-time warning, noise in a console
-from fastcore.script import call_parse, store_true
 from fastai.basics import *
 from fastai.callback.all import *
 from fastai.interpret import ClassificationInterpretation
 from .data import *
 from .learner import *
+from .checkpoint import *
+from fastcore.script import call_parse, store_true
+try: from fastcore.script import is_cli
+except ImportError: is_cli = lambda f=None: False  # older fastcore: the console script exits with the learner's repr
 
 # %% auto #0
-__all__ = ['job_dls', 'plot_report', 'main']
+__all__ = ['job_dls', 'plot_report', 'fit_job', 'job_checkpoint', 'job_finished', 'main']
 
 # %% ../nbs/06_train.ipynb #4a2c9df7
 def job_dls(data='shapes', ndim=3, size=24, bs=16, n_items=2400, seed=0, video=False, n_frames=8, valid_pct=0.2,
@@ -49,6 +52,38 @@ def plot_report(learn, fn):
     fig.tight_layout(); fig.savefig(fn, dpi=80); plt.close(fig)
     return cm
 
+# %% ../nbs/06_train.ipynb #bd03c832
+def fit_job(learn, epochs, lr, pretrained=False, ck=None):
+    "`fit_one_cycle(epochs, lr)`, or fastai's `fine_tune(epochs, lr/2)` when `pretrained`, continuing checkpoint `ck`"
+    stage = ck['stage'] if ck else 0
+    if pretrained: (learn.freeze if stage == 0 else learn.unfreeze)()  # (they clear the optimizer: before resuming)
+    start = learn.resume_from(ck) if ck else 0
+    if not pretrained: return learn.fit_one_cycle(epochs, lr, start_epoch=start)
+    if stage == 0:  # fastai's `fine_tune(epochs, base_lr=lr/2)`: a frozen fit, then an unfrozen one
+        learn.fit_one_cycle(1, slice(lr/2), pct_start=0.99, start_epoch=start)
+        learn.unfreeze(); start = 0
+    learn.fit_one_cycle(epochs, slice(lr/400, lr/4), pct_start=0.3, div=5.0, start_epoch=start)
+
+# %% ../nbs/06_train.ipynb #e048da54
+def job_checkpoint(out, resume, run):
+    "The checkpoint `--resume` continues (None for a new run), refused if its run's arguments differ from `run`"
+    fn = Path(out)/'checkpoint.pth'
+    if resume is None or resume is False:
+        if fn.exists(): print(f"starting a new run: it will replace {fn} (to continue that run instead, stop and rerun with --resume)")
+        return None
+    if resume not in (True, ''): fn = Path(resume)
+    if not fn.exists(): raise FileNotFoundError(f"--resume: no checkpoint at {fn} (a run writes it at the end of its first epoch; run without --resume to start)")
+    ck = load_checkpoint(fn)
+    check_meta(ck, run, prefix='--')
+    print(f"resuming from {fn}: {ck['epoch']} of {ck['n_epoch']} epochs done" + (f" in fit {ck['stage'] + 1} of 2" if run.get('pretrained') else ''))
+    return ck
+
+def job_finished(ck, out):
+    "Whether checkpoint `ck` ends its run and the run's learner was exported after it"
+    last = ck['epoch'] == ck['n_epoch'] and ck['stage'] == int(bool(ck['meta'].get('pretrained')))
+    m = Path(out)/'model.pkl'
+    return last and m.exists() and m.stat().st_mtime_ns >= Path(ck['fname']).stat().st_mtime_ns
+
 # %% ../nbs/06_train.ipynb #e763ba7b
 @call_parse
 def main(
@@ -61,7 +96,7 @@ def main(
     bs:int=16, # batch size
     lr:float=3e-3, # maximum learning rate
     fp16:store_true=False, # train in mixed precision (float16 on a GPU; bfloat16 autocast on a CPU)
-    out:str='effnet_fastai_run', # folder for the exported learner and the report
+    out:str='effnet_fastai_run', # folder for the exported learner, the report and the checkpoint
     seed:int=0, # random seed (data, split, initialisation, augmentation)
     items:int=2400, # number of synthetic items (one-word options read the same with every fastcore)
     frames:int=8, # frames of a synthetic clip
@@ -70,22 +105,29 @@ def main(
     ps:float=0.25, # dropout of the fastai head
     droppath:float=0., # stochastic depth (drop-connect) rate of the body
     aug:store_true=False, # augment the synthetic data too (file data are always augmented)
+    resume:store_true=False, # continue a killed run from its checkpoint (OUT/checkpoint.pth, or --ckpt)
+    ckpt:str='', # the checkpoint file to continue from, if not OUT/checkpoint.pth (implies --resume)
 ):
     "Train an EfficientNet with fastai and save the exported learner and a report"
+    run = {k: v for k, v in locals().items() if k not in ('out', 'threads', 'resume', 'ckpt')}  # what a resumed run must repeat
     t0 = time.time()
     if threads: torch.set_num_threads(threads)
-    set_seed(seed, reproducible=True)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    ck = job_checkpoint(out, (ckpt or True) if resume or ckpt else None, run)
+    if ck is not None and job_finished(ck, out):
+        print(f"the run in {out} has already finished ({ck['n_epoch']} of {ck['n_epoch']} epochs, then {out/'model.pkl'}): nothing to do")
+        return
+    set_seed(seed, reproducible=True)
     dls = job_dls(data, ndim, size, bs, items, seed, video, frames, aug=aug or None)
-    cbs = [CSVLogger(fname=out.absolute()/'history.csv')]
-    learn = efficientnet_learner(dls, arch, pretrained=pretrained, metrics=accuracy, cbs=cbs, path=out, ps=ps,
+    cb = Checkpoint(out.absolute()/'checkpoint.pth', history=out.absolute()/'history.csv', meta=run)
+    learn = efficientnet_learner(dls, arch, pretrained=pretrained, metrics=accuracy, cbs=cb, path=out, ps=ps,
                                  drop_connect_rate=droppath)
     if fp16: learn.to_mixed_precision()
-    if pretrained: learn.fine_tune(epochs, lr/2)
-    else: learn.fit_one_cycle(epochs, lr)
+    fit_job(learn, epochs, lr, pretrained, ck)
     acc = learn.recorder.values[-1][2]
-    learn.remove_cb(CSVLogger)
-    plot_report(learn, out/'report.png')
-    learn.export('model.pkl')
+    learn.remove_cb(cb)
+    write_history(out/'history.csv', learn.recorder.metric_names, cb.rows)  # (a run resumed after its last epoch has not)
+    with atomic_write(out/'report.png') as fn: plot_report(learn, fn)
+    with atomic_write(out/'model.pkl') as fn: learn.export(fn.absolute())  # (`export` writes to `learn.path/fn`)
     print(f"validation accuracy {acc:.4f}; wrote {out/'model.pkl'}, {out/'report.png'}, {out/'history.csv'} in {time.time()-t0:.0f} s")
-    return learn
+    return None if is_cli(main) else learn  # (a console script exits with what it returns)

@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / 'effnet_fastai'
-ORDER = ['layers', 'blocks', 'fast', 'model', 'convert', 'weights', 'factories', 'video', 'data', 'learner', 'export', 'train']
+ORDER = ['layers', 'blocks', 'fast', 'model', 'convert', 'weights', 'factories', 'video', 'data', 'learner', 'checkpoint', 'export', 'train']
 
 def _own_imports(tree):
     "(module imported from this package, the node that imports it) for every import of `effnet_fastai` in `tree`"
