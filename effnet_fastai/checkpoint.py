@@ -181,7 +181,7 @@ def resume_from(self:Learner, ck, # a `Checkpoint` file, or the dict `load_check
         ck = load_checkpoint(ck)
     check_meta(ck, meta)
     fn = ck.get('fname', 'checkpoint.pth')
-    cb = first(o for o in self.cbs if isinstance(o, Checkpoint))
+    cb = first(o for o in self.cbs if o.name == 'checkpoint')  # fastai's `learn.checkpoint`: by name, as fastai finds callbacks
     if cb is None: self.add_cb(cb := Checkpoint(fn))
     try: self.model.load_state_dict(ck['model'])
     except RuntimeError as e: raise ValueError(f"checkpoint {fn} does not fit this model: {e}") from None
