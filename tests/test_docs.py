@@ -197,7 +197,7 @@ def _real_site(page):
     return page
 
 def test_browser_model_page():
-    "The real site: the model page shows the variant table and `efficientnet_b3`'s signature"
+    "The real site: the model page shows the variant table, the factories page `efficientnet_b3`'s signature"
     page = _real_site('model.html')
     dom = _browse(page, '--dump-dom')
     assert re.search(r'<h1 id="model"[^>]*>Model', dom)
@@ -206,13 +206,14 @@ def test_browser_model_page():
     rows = re.findall(r'<tr>\s*<th>(\w+)</th>', table.group(0))
     assert rows == ['b0', 'b1', 'b2', 'b3', 'b4', 'b5', 'b6', 'b7', 'b8', 'l2']
     for col in ('width', 'depth', 'resolution', 'dropout'): assert f'<th>{col}</th>' in table.group(0)
-    assert 'id="efficientnet_b3"' in dom
-    sig = re.search(r'id="efficientnet_b3".*?<pre>(.*?)</pre>', dom, re.S)
+    fdom = _browse(_real_site('factories.html'), '--dump-dom')  # the factories live in `effnet_fastai.factories` (0.2)
+    assert 'id="efficientnet_b3"' in fdom
+    sig = re.search(r'id="efficientnet_b3".*?<pre>(.*?)</pre>', fdom, re.S)
     text = html.unescape(re.sub(r'<[^>]+>', '', sig.group(1)))
-    assert text.startswith('def efficientnet_b3(') and 'pretrained:bool=False' in text and 'ndim:int=3' in text
+    assert text.startswith('def efficientnet_b3(') and 'pretrained:bool|str|Path=False' in text and 'ndim:int=3' in text
     shot = DOCS / '_screenshots' / 'model.png'
     shot.parent.mkdir(exist_ok=True)
-    _browse(page, f'--screenshot={shot}', size='1400,5200')  # tall enough for the variant table and efficientnet_b3
+    _browse(page, f'--screenshot={shot}', size='1400,5200')  # tall enough for the variant table
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 def test_browser_search_dropconnect():
