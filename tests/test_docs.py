@@ -210,7 +210,7 @@ def test_browser_model_page():
     assert 'id="efficientnet_b3"' in fdom
     sig = re.search(r'id="efficientnet_b3".*?<pre>(.*?)</pre>', fdom, re.S)
     text = html.unescape(re.sub(r'<[^>]+>', '', sig.group(1)))
-    assert text.startswith('def efficientnet_b3(') and 'pretrained:bool|str|Path=False' in text and 'ndim:int=3' in text
+    assert text.startswith('def efficientnet_b3(') and 'pretrained:bool | str | Path=False' in text and 'ndim:int=3' in text
     shot = DOCS / '_screenshots' / 'model.png'
     shot.parent.mkdir(exist_ok=True)
     _browse(page, f'--screenshot={shot}', size='1400,5200')  # tall enough for the variant table
