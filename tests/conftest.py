@@ -14,3 +14,11 @@ def _seed():
     import numpy as np
     torch.manual_seed(0); random.seed(0); np.random.seed(0)
     yield
+
+@pytest.fixture
+def one_thread():
+    "One torch thread for the test (exact comparisons of runs; the depthwise speed path's thread rule)"
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -66,12 +66,6 @@ def test_depthwise_float32_matches_stock(C, S, k):
     stock = torch.autograd.grad(conv(x, w, None, 1, pad, 1, C), (x, w), g)
     for a, b in zip(ours, stock): assert rel(a, b) < 1e-5, rel(a, b)
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def test_depthwise_layer_uses_fast_path_only_where_it_applies(one_thread):
     dw = set_speed_paths(Conv3dSame(6, 6, 3, groups=6, bias=False))
     x = torch.randn(1, 6, 8, 8, 8, requires_grad=True)

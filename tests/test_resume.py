@@ -116,12 +116,6 @@ def _max_diff(a, b):
     sa, sb = a.model.state_dict(), b.model.state_dict()
     return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa)
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def _interrupt_after(epoch):
     from fastai.basics import Callback, CancelFitException
     from effnet_fastai.checkpoint import Checkpoint
