@@ -1,31 +1,62 @@
 "The benchmark script runs end to end and writes a report with every measure (one round: a smoke test, not a timing)"
+
 import json, os, subprocess, sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 @pytest.mark.slow
 def test_bench_report(tmp_path):
-    out = tmp_path / 'RESULTS.md'
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench.py'), '--rounds', '1', '--no-rss', '--threads', '1',
-                        '--only', '3d_b0_64', '3d_b0_clip', '--out', str(out)],
-                       capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ROOT}, timeout=900)
+    out = tmp_path / "RESULTS.md"
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "bench.py"),
+            "--rounds",
+            "1",
+            "--no-rss",
+            "--threads",
+            "1",
+            "--only",
+            "3d_b0_64",
+            "3d_b0_clip",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     md = out.read_text()
-    for row in ('train step (ms)', 'inference, after the train rounds (ms)', 'inference, inference-only process (ms)',
-                'saved for backward (MiB)', '**monai fails on this input**'):
+    for row in (
+        "train step (ms)",
+        "inference, after the train rounds (ms)",
+        "inference, inference-only process (ms)",
+        "saved for backward (MiB)",
+        "**monai fails on this input**",
+    ):
         assert row in md, row
-    saved = json.loads((tmp_path / 'RESULTS.json').read_text())
-    res = saved['results']
-    peer = res['3d_b0_64']['peers']['monai']
-    assert set(peer) == {'train', 'infer', 'infer_fresh', 'saved_bytes'}
-    assert all(peer[k]['min'] <= peer[k]['median'] <= peer[k]['max'] for k in ('train', 'infer', 'infer_fresh'))
-    assert 0.5 < peer['saved_bytes'] < 3  # MONAI saves more for backward (measured 1.5x); a broken hook would give 0 or inf
-    assert 'monai' in res['3d_b0_clip']['errors'] and 'infer_fresh_s' in res['3d_b0_clip']
-    assert (tmp_path / 'results.png').stat().st_size > 0
-    assert saved['meta']['rounds'] == 1 and '--only' in saved['meta']['command']
-    out.write_text('')  # rendered again from the JSON alone: the same report, nothing measured
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench.py'), '--render', str(tmp_path / 'RESULTS.json')],
-                       capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ROOT}, timeout=300)
+    saved = json.loads((tmp_path / "RESULTS.json").read_text())
+    res = saved["results"]
+    peer = res["3d_b0_64"]["peers"]["monai"]
+    assert set(peer) == {"train", "infer", "infer_fresh", "saved_bytes"}
+    assert all(peer[k]["min"] <= peer[k]["median"] <= peer[k]["max"] for k in ("train", "infer", "infer_fresh"))
+    assert (
+        0.5 < peer["saved_bytes"] < 3
+    )  # MONAI saves more for backward (measured 1.5x); a broken hook would give 0 or inf
+    assert "monai" in res["3d_b0_clip"]["errors"] and "infer_fresh_s" in res["3d_b0_clip"]
+    assert (tmp_path / "results.png").stat().st_size > 0
+    assert saved["meta"]["rounds"] == 1 and "--only" in saved["meta"]["command"]
+    out.write_text("")  # rendered again from the JSON alone: the same report, nothing measured
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--render", str(tmp_path / "RESULTS.json")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.read_text() == md

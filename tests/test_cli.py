@@ -1,63 +1,121 @@
 "The console script end to end on a tiny setting"
+
 import os, sys, subprocess
 from pathlib import Path
 import numpy as np, pytest
 
 ROOT = Path(__file__).parents[1]
 
+
 def _run(*args, cwd):
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1', 'MPLBACKEND': 'Agg'}
-    return subprocess.run([sys.executable, '-m', 'effnet_fastai.train', *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run(
+        [sys.executable, "-m", "effnet_fastai.train", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
 
 @pytest.mark.slow
 def test_cli_synthetic(tmp_path):
-    out = tmp_path/'run'
-    r = _run('--size', '12', '--epochs', '1', '--bs', '4', '--items', '16', '--out', str(out), cwd=tmp_path)
+    out = tmp_path / "run"
+    r = _run("--size", "12", "--epochs", "1", "--bs", "4", "--items", "16", "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert {'model.pkl', 'report.png', 'history.csv'} <= {o.name for o in out.iterdir()}
-    assert (out/'report.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    assert 'valid_loss' in r.stdout and 'accuracy' in r.stdout and 'validation accuracy' in r.stdout
+    assert {"model.pkl", "report.png", "history.csv"} <= {o.name for o in out.iterdir()}
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "valid_loss" in r.stdout and "accuracy" in r.stdout and "validation accuracy" in r.stdout
     from fastai.learner import load_learner
-    learn = load_learner(out/'model.pkl')
-    assert learn.dls.vocab == ['sphere', 'cube', 'cylinder', 'torus']
+
+    learn = load_learner(out / "model.pkl")
+    assert learn.dls.vocab == ["sphere", "cube", "cylinder", "torus"]
+
 
 @pytest.mark.slow
 def test_cli_options(tmp_path):
     "`--aug`, `--ps` and `--droppath` reach the data and the model"
-    out = tmp_path/'run'
-    r = _run('--size', '12', '--epochs', '1', '--bs', '4', '--items', '16', '--aug', '--ps', '0.5', '--droppath', '0.1',
-             '--threads', '1', '--out', str(out), cwd=tmp_path)
+    out = tmp_path / "run"
+    r = _run(
+        "--size",
+        "12",
+        "--epochs",
+        "1",
+        "--bs",
+        "4",
+        "--items",
+        "16",
+        "--aug",
+        "--ps",
+        "0.5",
+        "--droppath",
+        "0.1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     from fastai.learner import load_learner
-    learn = load_learner(out/'model.pkl')
-    assert [type(t).__name__ for t in learn.dls.train.after_batch] == ['Affine3D', 'Intensity3D', 'ZScore']
-    assert [m.p for m in learn.model.modules() if type(m).__name__ == 'Dropout'] == [0.25, 0.5]
-    ps = [m.p for m in learn.model.modules() if type(m).__name__ == 'DropConnect']
+
+    learn = load_learner(out / "model.pkl")
+    assert [type(t).__name__ for t in learn.dls.train.after_batch] == ["Affine3D", "Intensity3D", "ZScore"]
+    assert [m.p for m in learn.model.modules() if type(m).__name__ == "Dropout"] == [0.25, 0.5]
+    ps = [m.p for m in learn.model.modules() if type(m).__name__ == "DropConnect"]
     assert ps and max(ps) < 0.1 and min(ps) > 0  # the reference's schedule: rate x block index / number of blocks
+
 
 @pytest.mark.slow
 def test_cli_default_job_reaches_target(tmp_path):
     "The README's main job, defaults unchanged: >= 95% validation accuracy on the synthetic volumes (issue 3)"
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'MPLBACKEND': 'Agg'}
-    env.pop('OMP_NUM_THREADS', None)
-    r = subprocess.run([sys.executable, '-m', 'effnet_fastai.train', '--out', str(tmp_path/'run')], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=1800)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    env.pop("OMP_NUM_THREADS", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "effnet_fastai.train", "--out", str(tmp_path / "run")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     import pandas as pd
-    hist = pd.read_csv(tmp_path/'run'/'history.csv')
-    assert hist['accuracy'].iloc[-1] >= 0.95, hist.to_string()
+
+    hist = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert hist["accuracy"].iloc[-1] >= 0.95, hist.to_string()
+
 
 @pytest.mark.slow
 def test_cli_folder_of_volumes(tmp_path):
-    for c in ('ok', 'ko'):
-        (tmp_path/'data'/c).mkdir(parents=True)
-        for i in range(4): np.save(tmp_path/'data'/c/f'{i}.npy', np.random.rand(6 + i, 8, 8).astype(np.float32))
-    r = _run('--data', str(tmp_path/'data'), '--size', '8', '--epochs', '1', '--bs', '2', '--out', str(tmp_path/'o'), cwd=tmp_path)
+    for c in ("ok", "ko"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            np.save(tmp_path / "data" / c / f"{i}.npy", np.random.rand(6 + i, 8, 8).astype(np.float32))
+    r = _run(
+        "--data",
+        str(tmp_path / "data"),
+        "--size",
+        "8",
+        "--epochs",
+        "1",
+        "--bs",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert (tmp_path/'o'/'report.png').exists() and (tmp_path/'o'/'model.pkl').exists()
+    assert (tmp_path / "o" / "report.png").exists() and (tmp_path / "o" / "model.pkl").exists()
+
 
 def test_cli_help():
-    r = subprocess.run([sys.executable, '-m', 'effnet_fastai.train', '--help'], capture_output=True, text=True,
-                       env={**os.environ, 'PYTHONPATH': str(ROOT)}, timeout=300)
-    assert r.returncode == 0 and '--arch' in r.stdout and '--fp16' in r.stdout and '--data' in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "effnet_fastai.train", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert r.returncode == 0 and "--arch" in r.stdout and "--fp16" in r.stdout and "--data" in r.stdout

@@ -1,9 +1,10 @@
 "Two CPU processes (torchrun, gloo) train on the synthetic volumes under fastai's `distrib_ctx` and end with identical weights"
+
 import os, sys, subprocess, textwrap
 from pathlib import Path
 import pytest, torch
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import os, sys, warnings, torch
     warnings.filterwarnings('ignore')
     torch.set_num_threads(1)
@@ -22,18 +23,29 @@ WORKER = textwrap.dedent('''
     rank = int(os.environ['RANK'])
     torch.save({k: v for k, v in learn.model.state_dict().items()}, out/f'rank{rank}.pt')
     print('rank', rank, 'world', os.environ['WORLD_SIZE'], 'done', type(learn.model[0].stem[1]).__name__)
-''')
+""")
+
 
 @pytest.mark.slow
-def test_two_process_gloo(tmp_path, sync_bn=False): # SyncBatchNorm needs GPU modules (a DDP restriction)
-    (tmp_path/'worker.py').write_text(WORKER)
-    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1]), 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           str(tmp_path/'worker.py'), str(tmp_path), str(int(sync_bn))]
+def test_two_process_gloo(tmp_path, sync_bn=False):  # SyncBatchNorm needs GPU modules (a DDP restriction)
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(tmp_path / "worker.py"),
+        str(tmp_path),
+        str(int(sync_bn)),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count('done') == 2, r.stdout
-    w0, w1 = torch.load(tmp_path/'rank0.pt'), torch.load(tmp_path/'rank1.pt')
+    assert r.stdout.count("done") == 2, r.stdout
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert w0.keys() == w1.keys()
-    for k in w0: assert torch.equal(w0[k], w1[k]), k
-    assert not torch.equal(w0['1.4.weight'], torch.load(tmp_path/'init.pt')['1.4.weight'])  # it trained
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert not torch.equal(w0["1.4.weight"], torch.load(tmp_path / "init.pt")["1.4.weight"])  # it trained

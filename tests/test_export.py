@@ -1,5 +1,6 @@
 """Deployment paths of the full b0 in 2D and 3D (small inputs): outputs equal to eager to 1e-4 for `torch.jit.trace`,
 `torch.export`, ONNX under onnxruntime with another batch size than exported, and the `fuse`d model."""
+
 import warnings
 import pytest, torch
 from torch import nn
@@ -8,62 +9,80 @@ from effnet_fastai.model import *
 from effnet_fastai.factories import *
 from effnet_fastai.export import *
 
-warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-warnings.filterwarnings('ignore', category=FutureWarning, module='torch')
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
 SHAPES = {2: (37, 30), 3: (9, 20, 17)}  # odd sizes: strided convs pad asymmetrically on some axes
+
 
 def calibrate(m, x):
     "Random affine BatchNorm parameters and the running statistics of batch `x`, as in a trained network; eval mode"
     for o in m.modules():
-        if isinstance(o, nn.modules.batchnorm._BatchNorm): o.weight.data.uniform_(0.5, 1.5); o.bias.data.uniform_(-0.2, 0.2)
+        if isinstance(o, nn.modules.batchnorm._BatchNorm):
+            o.weight.data.uniform_(0.5, 1.5)
+            o.bias.data.uniform_(-0.2, 0.2)
     return calibrate_bn_(m, x)
 
-@pytest.fixture(scope='module', params=[2, 3], ids=['2d', '3d'])
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2d", "3d"])
 def case(request):
     "A calibrated b0 (ni=1, 4 classes), an input, its eager output, and inputs of other batch sizes"
-    ndim = request.param; sz = SHAPES[ndim]
+    ndim = request.param
+    sz = SHAPES[ndim]
     g = torch.Generator().manual_seed(ndim)
     m = calibrate(efficientnet_b0(ni=1, num_classes=4, ndim=ndim), torch.randn(12, 1, *sz, generator=g))
     x, xb = torch.randn(2, 1, *sz, generator=g), torch.randn(5, 1, *sz, generator=g)
-    with torch.no_grad(): y, yb = m(x), m(xb)
+    with torch.no_grad():
+        y, yb = m(x), m(xb)
     assert (y[0] - y[1]).abs().max() > 1e-2 and y.abs().max() < 1e3  # input-dependent, of reasonable size
     return m, x, y, xb, yb
+
 
 def close(a, b, eps=1e-4):
     "Equal to `eps` relative to the largest reference logit (the metric of the equivalence tests): an element-wise"
     "relative bound is ill-posed for logits near zero, and ONNX Runtime's kernels round differently from torch's"
     assert a.shape == b.shape, (a.shape, b.shape)
     err = ((a - b).abs().max() / b.abs().max()).item()
-    assert err < eps, f'max |diff| / max |ref| = {err:.2e} (limit {eps})'
+    assert err < eps, f"max |diff| / max |ref| = {err:.2e} (limit {eps})"
+
 
 def test_trace(case):
     m, x, y, xb, yb = case
     with torch.no_grad():
         tr = torch.jit.trace(m, x, check_trace=False)
-        close(tr(x), y); close(tr(xb), yb)
+        close(tr(x), y)
+        close(tr(xb), yb)
+
 
 def test_script_is_not_supported(case):
     "Documented in nbs/09_export.ipynb: TorchScript rejects the Python our layers use (use torch.export instead)"
-    with pytest.raises(Exception, match='not supported|Arguments for call are not valid'): torch.jit.script(case[0])
+    with pytest.raises(Exception, match="not supported|Arguments for call are not valid"):
+        torch.jit.script(case[0])
 
-@pytest.fixture(scope='module')
+
+@pytest.fixture(scope="module")
 def program(case):
     m, x, *_ = case
     return export_program(m, x)
 
+
 def test_torch_export(case, program):
     m, x, y, xb, yb = case
-    with torch.no_grad(): close(program.module()(x), y); close(program.module()(xb), yb)
+    with torch.no_grad():
+        close(program.module()(x), y)
+        close(program.module()(xb), yb)
     assert not m.training
 
+
 def test_onnx_runtime(case, tmp_path):
-    ort = pytest.importorskip('onnxruntime'); pytest.importorskip('onnxscript')
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
     m, x, y, xb, yb = case
-    f = export_onnx(m, tmp_path / 'm.onnx', x)
-    sess = ort.InferenceSession(str(f), providers=['CPUExecutionProvider'])
-    assert sess.get_inputs()[0].shape[0] == 'batch'
+    f = export_onnx(m, tmp_path / "m.onnx", x)
+    sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[0] == "batch"
     for inp, out in ((xb, yb), (xb[:1], yb[:1])):  # batch 5 and 1; exported with batch 2
-        close(torch.from_numpy(sess.run(None, {'input': inp.numpy()})[0]), out)
+        close(torch.from_numpy(sess.run(None, {"input": inp.numpy()})[0]), out)
+
 
 def test_fuse(case):
     m, x, y, xb, yb = case
@@ -72,11 +91,16 @@ def test_fuse(case):
     n_bn = sum(isinstance(o, nn.modules.batchnorm._BatchNorm) for o in m.modules())
     n_id = sum(isinstance(o, nn.Identity) for o in fm.modules()) - sum(isinstance(o, nn.Identity) for o in m.modules())
     assert n_bn > 0 and n_id == n_bn  # every BatchNorm of b0 follows a conv and was folded
-    with torch.no_grad(): close(fm(x), y); close(fm(xb), yb)
+    with torch.no_grad():
+        close(fm(x), y)
+        close(fm(xb), yb)
     assert type(fm.stage2[0].depthwise[0]) is type(m.stage2[0].depthwise[0])
     try:
-        with pytest.raises(ValueError, match='training mode'): fuse(m.train())
-    finally: m.eval()
+        with pytest.raises(ValueError, match="training mode"):
+            fuse(m.train())
+    finally:
+        m.eval()
+
 
 def test_fuse_inplace_and_keys():
     m = efficientnet_b0(ni=1, num_classes=2, ndim=2, width_coefficient=0.1, depth_coefficient=0.1).eval()
@@ -84,20 +108,28 @@ def test_fuse_inplace_and_keys():
     fm = fuse(m, inplace=True)
     assert fm is m
     new = set(fm.state_dict())
-    assert 'stem.0.bias' in new and 'stem.1.running_mean' not in new and 'stem.0.weight' in keys & new
+    assert "stem.0.bias" in new and "stem.1.running_mean" not in new and "stem.0.weight" in keys & new
+
 
 def test_fold_bn_transposed():
     "The folding also covers transposed convolutions (and our `TransposeSame` wrapper)"
     layer = ConvLayerDynamicPadding(3, 5, 3, stride=2, ndim=2, transpose=True).eval()
-    layer[1].running_mean.uniform_(-1, 1); layer[1].running_var.uniform_(0.5, 2); layer[1].bias.data.uniform_(-1, 1)
+    layer[1].running_mean.uniform_(-1, 1)
+    layer[1].running_var.uniform_(0.5, 2)
+    layer[1].bias.data.uniform_(-1, 1)
     x = torch.randn(2, 3, 5, 6)
-    with torch.no_grad(): close(fuse(layer)(x), layer(x), 1e-5)
+    with torch.no_grad():
+        close(fuse(layer)(x), layer(x), 1e-5)
 
-@pytest.mark.xfail(reason="torch's TorchScript-based ONNX exporter (dynamo=False) pads asymmetric SAME convs wrongly; "
-                          "export_onnx uses the dynamo exporter. If this starts to pass, torch fixed it: drop the test", strict=True)
+
+@pytest.mark.xfail(
+    reason="torch's TorchScript-based ONNX exporter (dynamo=False) pads asymmetric SAME convs wrongly; "
+    "export_onnx uses the dynamo exporter. If this starts to pass, torch fixed it: drop the test",
+    strict=True,
+)
 def test_legacy_onnx_exporter_asymmetric_padding(tmp_path):
-    ort = pytest.importorskip('onnxruntime')
+    ort = pytest.importorskip("onnxruntime")
     c, x = Conv2dSame(2, 2, 3, stride=2).eval(), torch.randn(1, 2, 2, 3)
-    torch.onnx.export(c, (x,), str(tmp_path / 'c.onnx'), input_names=['input'], dynamo=False)
-    out = ort.InferenceSession(str(tmp_path / 'c.onnx')).run(None, {'input': x.numpy()})[0]
+    torch.onnx.export(c, (x,), str(tmp_path / "c.onnx"), input_names=["input"], dynamo=False)
+    out = ort.InferenceSession(str(tmp_path / "c.onnx")).run(None, {"input": x.numpy()})[0]
     close(torch.from_numpy(out), c(x).detach())
