@@ -152,9 +152,11 @@ def zero_tap_conv(conv:nn.Module, x:Tensor, weight:Tensor, bias:Tensor|None, pad
     return conv._conv_fn(x, w, bias, conv.stride, tuple(reversed(pads[1::2])), conv.dilation, conv.groups)
 
 # %% ../nbs/01a_fast.ipynb #6f65e651
+_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)  # torch < 2.9
+
 def _capturing():
-    "True while `torch.compile` or `torch.jit.trace` records a graph: the fast classes defer to the reference forward"
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    "True while `torch.compile`, `torch.jit.trace` or `torch.fx` records a graph: the fast classes defer to the reference forward"
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing()
 
 class FastSameConv(SameConv):
     "SAME convolution with the CPU speed paths: `fast_depthwise` backward, no-copy symmetric pads, zero taps in inference"

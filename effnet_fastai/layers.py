@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 # %% auto #0
 __all__ = ['Conv1dSame', 'Conv2dSame', 'Conv3dSame', 'DropPath', 'ConvLayerDynamicPadding', 'check_ndim', 'is_int', 'is_real',
-           'to_tuple', 'same_padding', 'pad_for', 'SameConv', 'same_conv_class', 'as_same_conv', 'TransposeSame',
-           'DropConnect', 'SqueezeExcitation']
+           'to_tuple', 'same_padding', 'pad_for', 'pad_same', 'SameConv', 'same_conv_class', 'as_same_conv',
+           'TransposeSame', 'drop_connect', 'DropConnect', 'SqueezeExcitation']
 
 # %% ../nbs/00_layers.ipynb #9fe4550b
 class ConvLayerDynamicPadding(nn.Sequential):
@@ -96,6 +96,12 @@ def pad_for(szs:tuple, ks:tuple, stride:tuple, dilation:tuple)->list:
     return [p for pair in reversed(pads) for p in pair]
 
 # %% ../nbs/00_layers.ipynb #c9bdbf04
+def pad_same(x:Tensor, ks:tuple, stride:tuple, dilation:tuple)->Tensor:
+    "`x` padded for a SAME convolution (a leaf of `torch.fx` traces: the pads depend on the size `x` has at run time)"
+    return F.pad(x, pad_for(x.shape[2:], ks, stride, dilation))
+
+torch.fx.wrap('pad_same')
+
 class SameConv:
     "Mixin for `nn.ConvNd`: TensorFlow 'SAME' padding, a constant chosen at construction where it can be, else from the input"
     def _setup_same(self):
@@ -115,8 +121,9 @@ class SameConv:
 
     def same_forward(self, x, weight, bias):
         "The SAME-padded convolution of `x` with `weight` and `bias` (the layer's own, or others of the same shape)"
-        pads = self.same_pads(x)
-        return self._conv_forward(x if pads is None else F.pad(x, pads), weight, bias)
+        if self.dynamic: x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        elif self.static_pad is not None: x = F.pad(x, self.static_pad)
+        return self._conv_forward(x, weight, bias)
 
 # %% ../nbs/00_layers.ipynb #a2598336
 def _make_same(base, fn):
@@ -172,18 +179,22 @@ def _conv_for(ni, nf, ks, stride, bias, ndim, transpose, padding, dilation, grou
     return getattr(nn, f'Conv{ndim}d')(ni, nf, padding=padding, **kw)
 
 # %% ../nbs/00_layers.ipynb #2efbd802
+def drop_connect(x:Tensor, p:float=0., training:bool=False)->Tensor:
+    "Per-sample stochastic depth of `x` (timm's `drop_path`); a leaf of `torch.fx` traces"
+    if not training or p == 0.: return x
+    keep = 1 - p
+    mask = x.new_empty((x.shape[0],) + (1,)*(x.ndim - 1)).bernoulli_(keep).div_(keep)
+    return x * mask
+
+torch.fx.wrap('drop_connect')
+
 class DropConnect(Module):
     "Per-sample stochastic depth (timm's `DropPath`): drop a sample's branch with probability `p`, rescale the rest"
     def __init__(self, p:float=0.):
         if not (is_real(p) and 0 <= p < 1): raise ValueError(f"DropConnect: `p` must be a number in [0, 1), got {p!r}")
         self.p = float(p)
 
-    def forward(self, x):
-        if not self.training or self.p == 0.: return x
-        keep = 1 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,)*(x.ndim - 1)).bernoulli_(keep).div_(keep)
-        return x * mask
-
+    def forward(self, x): return drop_connect(x, self.p, self.training)
     def extra_repr(self): return f'p={self.p}'
 
 DropPath = DropConnect  # timm's name for it

@@ -15,8 +15,8 @@ from .blocks import *
 from .fast import *
 
 # %% auto #0
-__all__ = ['VARIANTS', 'EfficientNetStage', 'init_effnet_', 'EfficientNet', 'Variant', 'num_params', 'calibrate_bn_',
-           'saved_activation_bytes']
+__all__ = ['VARIANTS', 'EfficientNetStage', 'init_effnet_', 'check_input', 'FeatureInfo', 'feature_points', 'EfficientNet',
+           'Variant', 'num_params', 'calibrate_bn_', 'saved_activation_bytes', 'take_indices', 'EfficientNetFeatures']
 
 # %% ../nbs/02_model.ipynb #510b2e21
 @contextmanager
@@ -75,6 +75,50 @@ def init_effnet_(m:nn.Module)->nn.Module:
             nn.init.uniform_(o.weight, -r, r); nn.init.zeros_(o.bias)
     return m
 
+# %% ../nbs/02_model.ipynb #f9a91977
+def _last_numel(x, reduction):
+    "Values per channel in the last feature map for input `x` (no generators: `torch.compile(fullgraph=True)`)"
+    n = x.shape[0]
+    for i in range(len(reduction)): n = n * (-(-x.shape[2 + i] // reduction[i]))
+    return n
+
+def check_input(x:Tensor, ndim:int, ni:int, reduction:tuple, training:bool, what:str='EfficientNet')->Tensor:
+    "`x` if a network of `ndim` axes, `ni` channels and total stride `reduction` can take it, else a clear error"
+    if x.ndim != ndim + 2:
+        raise ValueError(f"{what}(ndim={ndim}) expects input of shape (N, C, {', '.join('DHW'[3-ndim:])}), "
+                         f"got a {x.ndim}-dimensional tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != ni: raise ValueError(f"{what}(ni={ni}) expects {ni} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+    if not x.is_floating_point(): raise TypeError(f"{what} expects a floating-point input `x`, got {x.dtype}")
+    if min(x.shape[2:]) < 1: raise ValueError(f"{what} needs every spatial axis of `x` >= 1, got shape {tuple(x.shape)}")
+    if training and _last_numel(x, reduction) == 1:
+        raise ValueError(f"BatchNorm needs more than 1 value per channel to train, but a batch of 1 of size {tuple(x.shape[2:])} "
+                         f"leaves one in the last feature map (total stride {reduction}). Use a batch size >= 2, a larger input, or `.eval()`")
+    return x
+
+torch.fx.wrap('check_input')  # one call in `torch.fx` graphs: the checks read sizes known only at run time
+
+# %% ../nbs/02_model.ipynb #6e6363fe
+class FeatureInfo(list):
+    "timm's `FeatureInfo`: one dict per feature point (`stage`, `reduction`, `module`, `num_chs`), with its accessors"
+    def get(self, key:str, idx:int|list|None=None):
+        "The `key` entry of feature point `idx` (an int), of several (a list) or of all (None)"
+        if is_int(idx): return self[idx][key]
+        return [self[i][key] for i in (range(len(self)) if idx is None else idx)]
+    def channels(self, idx=None): return self.get('num_chs', idx)
+    def reduction(self, idx=None): return self.get('reduction', idx)
+    def module_name(self, idx=None): return self.get('module', idx)
+    def get_dicts(self, keys=None, idx=None):
+        return [d if keys is None else {k: d[k] for k in keys} for d in (self if idx is None else [self[i] for i in idx])]
+
+def feature_points(stem_stride:tuple, strides:list, channels:list)->FeatureInfo:
+    "The output of every stage whose successor strides, and of the last stage, with its channels and reduction per axis"
+    info, red = FeatureInfo(), stem_stride
+    for i, (st, c) in enumerate(zip(strides, channels)):
+        red = tuple(r * s for r, s in zip(red, st))
+        if i + 1 == len(strides) or any(s > 1 for s in strides[i + 1]):
+            info.append(dict(stage=i + 1, reduction=red[0] if len(set(red)) == 1 else red, module=f'stage{i + 1}', num_chs=c))
+    return info
+
 # %% ../nbs/02_model.ipynb #fa9f616f
 class EfficientNet(SliceableSequential):
     "EfficientNet for `ndim` spatial dimensions as a flat `nn.Sequential`: stem, seven stages, head, classifier"
@@ -100,7 +144,7 @@ class EfficientNet(SliceableSequential):
         rf = partial(round_filters, width_coefficient=width_coefficient, depth_divisor=depth_divisor, min_depth=min_depth)
         kw = dict(act_cls=act_cls, norm_type=norm_type, ndim=ndim, padding=padding, bn_eps=bn_eps, bn_momentum=bn_momentum)
         n_blocks = sum(round_repeats(s.repeats, depth_coefficient) for s in specs)
-        layers, idx = {'stem': ConvLayerDynamicPadding(ni, rf(specs[0].n_inp), 3, stride=stem_stride, **kw)}, 0
+        chs, layers, idx = [], {'stem': ConvLayerDynamicPadding(ni, rf(specs[0].n_inp), 3, stride=stem_stride, **kw)}, 0
         for i, (s, st, k) in enumerate(zip(specs, strides, kernels)):
             blocks, n_inp, n_out = [], rf(s.n_inp), rf(s.n_out)
             for j in range(round_repeats(s.repeats, depth_coefficient)):
@@ -108,6 +152,7 @@ class EfficientNet(SliceableSequential):
                     s.se_ratio, s.id_skip, s.expand_ratio, drop_connect_rate=drop_connect_rate * idx / n_blocks, **kw))
                 n_inp, idx = n_out, idx + 1
             layers[f'stage{i+1}'] = EfficientNetStage(*blocks)
+            chs.append(n_out)
         nf = rf(1280)
         layers['head']    = ConvLayerDynamicPadding(n_inp, nf, 1, **kw)
         layers['pool']    = getattr(nn, f'AdaptiveAvgPool{ndim}d')(1)
@@ -117,28 +162,30 @@ class EfficientNet(SliceableSequential):
         super().__init__(OrderedDict(layers))
         self.num_features = nf
         self.total_stride = tuple(math.prod(o) for o in zip(to_tuple(stem_stride, ndim, 'stem_stride'), *strides))
+        self.feature_info = feature_points(to_tuple(stem_stride, ndim, 'stem_stride'), strides, chs)
         init_effnet_(self)
         if grad_checkpointing: self.set_grad_checkpointing()
         if speed_paths: set_speed_paths(self)
 
-    def forward(self, x):
-        if x.ndim != self.ndim + 2:
-            raise ValueError(f"EfficientNet(ndim={self.ndim}) expects input of shape (N, C, {', '.join('DHW'[3-self.ndim:])}), "
-                             f"got a {x.ndim}-dimensional tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.ni:
-            raise ValueError(f"EfficientNet(ni={self.ni}) expects {self.ni} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
-        if not x.is_floating_point(): raise TypeError(f"EfficientNet expects a floating-point input `x`, got {x.dtype}")
-        if min(x.shape[2:]) < 1: raise ValueError(f"EfficientNet needs every spatial axis of `x` >= 1, got shape {tuple(x.shape)}")
-        if self.training and self._last_numel(x) == 1:
-            raise ValueError(f"BatchNorm needs more than 1 value per channel to train, but a batch of 1 of size {tuple(x.shape[2:])} "
-                             f"leaves one in the last feature map (total stride {self.total_stride}). Use a batch size >= 2, a larger input, or `.eval()`")
-        return super().forward(x)
+    def forward(self, x): return self.forward_head(self.forward_features(x))
 
-    def _last_numel(self, x):
-        "Values per channel in the last feature map for input `x` (no generators: `torch.compile(fullgraph=True)`)"
-        n = x.shape[0]
-        for i in range(self.ndim): n = n * (-(-x.shape[2 + i] // self.total_stride[i]))
-        return n
+    def forward_features(self, x):
+        "Stem, stages and the 1x1 `head` convolution: the last feature map `(N, num_features, ...)`"
+        x = check_input(x, self.ndim, self.ni, self.total_stride, self.training)
+        for m in self._parts()[0]: x = m(x)
+        return x
+
+    def forward_head(self, x, pre_logits:bool=False):
+        "Pooling, dropout and classifier on the last feature map (`pre_logits`: the pooled features, before `fc`)"
+        head = self._parts()[1]
+        for m in (head[:-1] if pre_logits else head): x = m(x)
+        return x
+
+    def _parts(self):
+        "The children up to the 1x1 `head` convolution, and the ones after it"
+        ms = list(self._modules.values())
+        i = list(self._modules).index('head') + 1
+        return ms[:i], ms[i:]
 
     @property
     def stages(self): return [m for m in self.children() if isinstance(m, EfficientNetStage)]
@@ -190,3 +237,75 @@ def saved_activation_bytes(model, *args, **kwargs):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): out = model(*args, **kwargs)
     return out, sum(seen.values())
+
+# %% ../nbs/02_model.ipynb #06388d83
+def take_indices(n:int, indices:int|list|None=None)->list:
+    "timm's selection of feature points out of `n`: all (None), the last `indices` (an int) or those listed (negative from the end)"
+    if indices is None: return list(range(n))
+    if is_int(indices):
+        if not 0 < indices <= n: raise ValueError(f"`indices`={indices} asks for the last {indices} of {n} feature points; expected 1 ... {n}")
+        return list(range(n - indices, n))
+    idx = [int(i) + n if i < 0 else int(i) for i in indices]
+    if not idx or any(not 0 <= i < n for i in idx):
+        raise ValueError(f"`indices` {list(indices)} must select feature points among {n} (0 ... {n - 1}, or negative from the end)")
+    return idx
+
+@patch
+def forward_intermediates(self:EfficientNet, x:Tensor, indices:int|list|None=None, norm:bool=False, stop_early:bool=False,
+                          output_fmt:str='NCHW', intermediates_only:bool=False):
+    "timm's `forward_intermediates`: `(last feature map, [feature maps at indices])`, or the list alone"
+    if output_fmt not in ('NCHW', 'NCDHW', 'NCL'): raise ValueError(f"`output_fmt` must be channels-first ('NCHW'), got {output_fmt!r}")
+    take = {self.feature_info[i]['module'] for i in take_indices(len(self.feature_info), indices)}
+    x, out = check_input(x, self.ndim, self.ni, self.total_stride, self.training), []
+    for name, m in zip(self._modules, self._parts()[0]):
+        x = m(x)
+        if name in take:
+            out.append(x)
+            if stop_early and len(out) == len(take): break
+    return out if intermediates_only else (x, out)
+
+@patch
+def extract_endpoints(self:EfficientNet, x:Tensor)->dict:
+    "efficientnet-pytorch's endpoints: `reduction_1` ... at the feature points, then the 1x1 `head` convolution's output"
+    last, feats = self.forward_intermediates(x)
+    return {f'reduction_{i + 1}': o for i, o in enumerate(feats + [last])}
+
+@patch
+def get_classifier(self:EfficientNet)->nn.Module:
+    "The classifier (timm's name for it)"
+    return self.fc
+
+@patch
+def reset_classifier(self:EfficientNet, num_classes:int, global_pool:str|None=None):
+    "A new classifier for `num_classes` (0: none, the model returns pooled features); `global_pool`: 'avg' or 'max'"
+    if not (is_int(num_classes) and num_classes >= 0): raise ValueError(f"`num_classes` must be an int >= 0, got {num_classes!r}")
+    if global_pool is not None:
+        if global_pool not in ('avg', 'max'): raise ValueError(f"`global_pool` must be 'avg' or 'max', got {global_pool!r}")
+        self.pool = getattr(nn, f"Adaptive{'Avg' if global_pool == 'avg' else 'Max'}Pool{self.ndim}d")(1)
+    self.num_classes = num_classes
+    self.fc = init_effnet_(nn.Linear(self.num_features, num_classes)) if num_classes else nn.Identity()
+
+# %% ../nbs/02_model.ipynb #72bd3667
+class EfficientNetFeatures(nn.Module):
+    "The feature maps of an `EfficientNet` at its feature points `out_indices` (timm's `features_only=True`)"
+    def __init__(self, model:EfficientNet, out_indices:tuple=(0, 1, 2, 3, 4)):
+        super().__init__()
+        idx = sorted(set(take_indices(len(model.feature_info), list(out_indices))))
+        self.feature_info = FeatureInfo({**model.feature_info[i], 'index': i} for i in idx)
+        names = list(model._modules)
+        for n in names[:names.index(self.feature_info[-1]['module']) + 1]: self.add_module(n, model._modules[n])
+        self.ndim, self.ni, self.out_indices = model.ndim, model.ni, tuple(idx)
+        self.reduction = to_tuple(self.feature_info[-1]['reduction'], self.ndim, 'reduction')
+        self._out = {d['module'] for d in self.feature_info}
+
+    def forward(self, x):
+        x, out = check_input(x, self.ndim, self.ni, self.reduction, self.training, 'EfficientNetFeatures'), []
+        for name, m in self.named_children():
+            x = m(x)
+            if name in self._out: out.append(x)
+        return out
+
+    @property
+    def stages(self): return [m for m in self.children() if isinstance(m, EfficientNetStage)]
+    def set_grad_checkpointing(self, enable=True): return EfficientNet.set_grad_checkpointing(self, enable)
+    def set_speed_paths(self, enable=True): return set_speed_paths(self, enable)
