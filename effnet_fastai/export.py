@@ -70,13 +70,15 @@ def export_onnx(m:nn.Module, # the model (put in eval mode for the export, then 
                 dynamic_batch:bool=True, # let the batch size vary
                 opset:int=18, # ONNX opset version
                 **kwargs): # passed to `torch.onnx.export`
-    "Export `m` in eval mode on its reference layers to ONNX file `fname` (via `torch.export`), batch axis dynamic; returns `fname`"
+    "Export `m` in eval mode on its reference layers to ONNX file `fname` (via `torch.export`), batch axis dynamic; returns `fname`. Outputs: `output`, or `output0` ... for a list"
     was = m.training
     dyn = ({0: torch.export.Dim('batch', min=1, max=4096)},) if dynamic_batch else None
     try:
         m.eval()
+        with torch.no_grad(): y = m(x)  # one output, or a list of them (a feature extractor's maps)
+        names = ['output'] if isinstance(y, Tensor) else [f'output{i}' for i in range(len(y))]
         with reference_layers(m):
-            torch.onnx.export(m, (x,), str(fname), input_names=['input'], output_names=['output'], opset_version=opset,
+            torch.onnx.export(m, (x,), str(fname), input_names=['input'], output_names=names, opset_version=opset,
                               dynamic_shapes=dyn, dynamo=True, verbose=False, **kwargs)
     finally: m.train(was)
     return fname

@@ -25,15 +25,18 @@ def efficientnet(variant:str, # 'b0' ... 'b8', 'l2' (a row of `VARIANTS`)
                  pretrained:bool|str|Path=False, # True, a tag of `WEIGHTS`, a path or a URL
                  progress:bool=True, # show a progress bar while downloading
                  inflate:str='center', # how 2D weights fill 3D kernels: 'center' or 'mean' (see `effnet_fastai.weights`)
-                 **kwargs)->EfficientNet:
+                 features_only:bool=False, # timm's: an `EfficientNetFeatures` returning the maps at `out_indices`
+                 out_indices:tuple=(0, 1, 2, 3, 4), # the feature points `features_only` returns (`feature_info`)
+                 **kwargs)->EfficientNet|EfficientNetFeatures:
     "EfficientNet `variant` ('b0' ... 'b8', 'l2'); `pretrained`: True, a tag of `WEIGHTS`, a path or a URL"
     if variant not in VARIANTS: raise ValueError(f"unknown EfficientNet variant {variant!r}; expected one of {list(VARIANTS)}")
+    if features_only: kwargs.setdefault('num_classes', 0)
     if pretrained: kwargs = {**pretrained_kwargs(variant, pretrained, kwargs.get('padding', 'same')), **kwargs}
     v = VARIANTS[variant]
     m = EfficientNet(**{'width_coefficient': v.width, 'depth_coefficient': v.depth, 'dropout_rate': v.dropout, **kwargs})
     m.variant, m.input_size = variant, (v.resolution,) * m.ndim
     if pretrained: load_pretrained(m, pretrained, progress=progress, inflate=inflate)
-    return m
+    return EfficientNetFeatures(m, out_indices) if features_only else m
 
 # %% ../nbs/07a_factories.ipynb #0df9cb9b
 @delegates(efficientnet, but=['variant'])
