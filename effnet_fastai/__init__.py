@@ -14,10 +14,11 @@ from .model import *
 from .convert import *
 from .weights import *
 from .factories import *
+from .unet import *
 from .video import *
 from .data import *
 from .learner import *
 from .checkpoint import *
 from .export import *
-from . import layers, blocks, fast, model, convert, weights, factories, video, data, learner, checkpoint, export
-__all__ = [n for m in (layers, blocks, fast, model, convert, weights, factories, video, data, learner, checkpoint, export) for n in m.__all__]
+from . import layers, blocks, fast, model, convert, weights, factories, unet, video, data, learner, checkpoint, export
+__all__ = [n for m in (layers, blocks, fast, model, convert, weights, factories, unet, video, data, learner, checkpoint, export) for n in m.__all__]

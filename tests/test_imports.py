@@ -12,6 +12,7 @@ ORDER = [
     "convert",
     "weights",
     "factories",
+    "unet",
     "video",
     "data",
     "learner",
