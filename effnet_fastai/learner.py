@@ -19,22 +19,23 @@ __all__ = ['AdaptiveConcatPool', 'create_effnet_head', 'create_effnet_model', 'c
 # %% ../nbs/05_learner.ipynb #673cfecb
 class AdaptiveConcatPool(Module):
     "Concatenate adaptive max- and average-pooling for `ndim` spatial dimensions"
-    def __init__(self, size=1, ndim=2):
+    def __init__(self, size:int=1, ndim:int=2):
         self.ap = getattr(nn, f'AdaptiveAvgPool{ndim}d')(size)
         self.mp = getattr(nn, f'AdaptiveMaxPool{ndim}d')(size)
     def forward(self, x): return torch.cat([self.mp(x), self.ap(x)], 1)
 
 @delegates(create_head, but=['pool'])
-def create_effnet_head(nf, n_out, ndim=3, concat_pool=True, **kwargs):
+def create_effnet_head(nf:int, n_out:int, ndim:int=3, concat_pool:bool=True, **kwargs)->nn.Sequential:
     "fastai's head for `ndim` spatial dimensions: concat pooling, flatten, then BatchNorm, dropout and linear layers"
     pool = AdaptiveConcatPool(1, ndim) if concat_pool else getattr(nn, f'AdaptiveAvgPool{ndim}d')(1)
     return nn.Sequential(pool, Flatten(), *create_head(nf * (2 if concat_pool else 1), n_out, pool=False, **kwargs))
 
 # %% ../nbs/05_learner.ipynb #f0212b14
 @delegates(create_effnet_head, but=['nf', 'n_out', 'ndim'])
-def create_effnet_model(arch, n_out, ni=3, ndim=3, pretrained=False, cut=None, init=nn.init.kaiming_normal_,
-                        custom_head=None, concat_pool=True, lin_ftrs=None, ps=0.5, first_bn=True, bn_final=False,
-                        lin_first=False, y_range=None, **kwargs):
+def create_effnet_model(arch:Callable|str, n_out:int, ni:int=3, ndim:int=3, pretrained:bool|str|Path=False,
+                        cut:int|Callable|None=None, init:Callable|None=nn.init.kaiming_normal_, custom_head:nn.Module|None=None,
+                        concat_pool:bool=True, lin_ftrs:list|None=None, ps:float=0.5, first_bn:bool=True, bn_final:bool=False,
+                        lin_first:bool=False, y_range:tuple|None=None, **kwargs)->nn.Sequential:
     "`nn.Sequential(body, head)` of EfficientNet `arch` for `ni` channels, `ndim` spatial dimensions and `n_out` outputs"
     arch = effnet_arch(arch)
     model = arch(pretrained=pretrained, ni=ni, ndim=ndim, **kwargs)
@@ -44,7 +45,7 @@ def create_effnet_model(arch, n_out, ni=3, ndim=3, pretrained=False, cut=None, i
     if init is not None: apply_init(head, init)
     return nn.Sequential(body, head)
 
-def cut_model(model, cut):
+def cut_model(model:nn.Module, cut:int|Callable)->nn.Module:
     "Cut `model` at `cut` (an index, or a function returning the body)"
     if isinstance(cut, int): return nn.Sequential(*list(model.children())[:cut])
     if callable(cut): return cut(model)
@@ -55,12 +56,14 @@ def _add_zscore(dls):
     if not dls.after_batch.fs.filter(risinstance(ZScore)): dls.add_tfms([ZScore()], 'after_batch')
 
 @delegates(create_effnet_model)
-def efficientnet_learner(dls, arch, n_out=None, pretrained=False, normalize=True,
-        ndim=None, # spatial dimensions of the input, read from a batch when None
-        ni=None, # input channels, read from a batch when None
+def efficientnet_learner(dls:DataLoaders, arch:Callable|str, n_out:int|None=None, pretrained:bool|str|Path=False,
+        normalize:bool=True,
+        ndim:int|None=None, # spatial dimensions of the input, read from a batch when None
+        ni:int|None=None, # input channels, read from a batch when None
         # learner args
-        loss_func=None, opt_func=Adam, lr=defaults.lr, splitter=None, cbs=None, metrics=None, path=None,
-        model_dir='models', wd=None, wd_bn_bias=False, train_bn=True, moms=(0.95, 0.85, 0.95), **kwargs):
+        loss_func:Callable|None=None, opt_func:Callable=Adam, lr:float=defaults.lr, splitter:Callable|None=None,
+        cbs:list|None=None, metrics:list|None=None, path:str|Path|None=None, model_dir:str|Path='models',
+        wd:float|None=None, wd_bn_bias:bool=False, train_bn:bool=True, moms:tuple=(0.95, 0.85, 0.95), **kwargs)->Learner:
     "Build a fastai `Learner` with EfficientNet `arch` (a factory or its name) for the data in `dls`"
     n_out = ifnone(n_out, get_c(dls))
     if not n_out: raise ValueError("`n_out` is not defined and could not be inferred from the data: set `dls.c` or pass `n_out`")
@@ -99,7 +102,7 @@ class ChannelsLast3D(Callback):
 class AutocastCPU(Callback):
     "bfloat16 autocast of the forward pass and the loss on the CPU (fastai's `MixedPrecision` autocasts CUDA only)"
     order = 10
-    def __init__(self, dtype=torch.bfloat16): self.dtype, self.ac = dtype, None
+    def __init__(self, dtype:torch.dtype=torch.bfloat16): self.dtype, self.ac = dtype, None
     def before_batch(self): self.ac = torch.autocast('cpu', dtype=self.dtype); self.ac.__enter__()
     def after_pred(self): self.learn.pred = to_float(self.pred)
     def after_loss(self): self._exit()
@@ -108,7 +111,7 @@ class AutocastCPU(Callback):
         if self.ac is not None: self.ac.__exit__(None, None, None); self.ac = None
 
 @patch
-def to_mixed_precision(self:Learner):
+def to_mixed_precision(self:Learner)->Learner:
     "Mixed precision for the device of the data: fastai's `to_fp16()` on a GPU, `AutocastCPU` (bfloat16) on the CPU"
     return self.to_fp16() if self.dls.device.type == 'cuda' else self.add_cb(AutocastCPU())
 
@@ -125,7 +128,7 @@ try:  # fastai's distributed module needs `accelerate` (an optional dependency):
     DistributedDL._broadcast = _broadcast
 except (ImportError, NameError): pass
 
-def to_sync_batchnorm(learn_or_model):
+def to_sync_batchnorm(learn_or_model:Learner|nn.Module)->Learner|nn.Module:
     "Replace the BatchNorm layers of a `Learner`'s model (or a model) by `nn.SyncBatchNorm`"
     if isinstance(learn_or_model, Learner):
         learn_or_model.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn_or_model.model)
