@@ -8,7 +8,8 @@ from fastai.imports import *
 from fastai.torch_imports import *
 from fastai.torch_core import *
 from typing import NamedTuple
-import argparse, hashlib, http.client, pickle, tempfile, warnings
+import argparse, hashlib, http.client, pickle, secrets, warnings
+from contextlib import contextmanager
 from urllib.parse import urlparse
 from urllib.request import urlopen, Request
 from urllib.error import URLError
@@ -19,8 +20,9 @@ from .convert import *
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'SAFE_GLOBALS', 'WeightSource', 'weight_source', 'pretrained_kwargs', 'hash_prefix', 'file_sha256',
-           'check_sha256', 'download_weights', 'weights_dir', 'cached_weights', 'read_weights', 'guess_source',
-           'to_effnet_keys', 'adapt_stem', 'inflate_weight', 'adapt_state_dict', 'checkpoint_shapes', 'load_pretrained']
+           'check_sha256', 'atomic_write', 'download_weights', 'weights_dir', 'cached_weights', 'read_weights',
+           'guess_source', 'to_effnet_keys', 'adapt_stem', 'inflate_weight', 'adapt_state_dict', 'checkpoint_shapes',
+           'load_pretrained']
 
 # %% ../nbs/07_weights.ipynb #63a3fdf0
 class WeightSource(NamedTuple):
@@ -101,6 +103,26 @@ def check_sha256(digest, expected, what):
                          "The file is corrupt, truncated, or not the one the table names (to load a file you "
                          "trust without this check, pass its path as `pretrained`).")
 
+# %% ../nbs/07_weights.ipynb #d0b3597f
+def _fsync(p):
+    "Flush the file or folder `p` to disk, where the system allows it"
+    try: fd = os.open(p, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+@contextmanager
+def atomic_write(fn):
+    "Yield a temporary path next to `fn`; once the block has written it, it replaces `fn` in one step"
+    fn = Path(fn); fn.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fn.with_name(f'{fn.name}.{secrets.token_hex(4)}.partial{fn.suffix}')
+    try:
+        yield tmp
+        _fsync(tmp); os.replace(tmp, fn); _fsync(fn.parent)
+    finally:
+        if tmp.exists(): tmp.unlink()
+
 # %% ../nbs/07_weights.ipynb #af5ccb56
 def _offline_msg(url, dst, expected, err):
     h = f" (its SHA-256 starts with {expected})" if expected else ''
@@ -108,12 +130,11 @@ def _offline_msg(url, dst, expected, err):
             f"  {dst}{h}\nor pass its path: pretrained='/path/to/{Path(dst).name}'.")
 
 def download_weights(url, dst, sha256=None, progress=True, timeout=60):
-    "Download `url` to `dst` atomically (temp file + rename), verifying its length and SHA-256 (full digest or prefix)"
-    dst = Path(dst); dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + '.', suffix='.partial')
-    try:
+    "Download `url` to `dst` atomically (`atomic_write`), verifying its length and SHA-256 (full digest or prefix)"
+    dst = Path(dst)
+    with atomic_write(dst) as tmp:
         h, n = hashlib.sha256(), 0
-        with os.fdopen(fd, 'wb') as f:
+        with open(tmp, 'wb') as f:
             try:
                 with urlopen(Request(url, headers={'User-Agent': 'effnet_fastai'}), timeout=timeout) as r:
                     total = int(r.headers.get('Content-Length') or 0)
@@ -126,10 +147,7 @@ def download_weights(url, dst, sha256=None, progress=True, timeout=60):
             except (URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
                 raise ConnectionError(_offline_msg(url, dst, sha256, e)) from None
         if total and n != total: raise ValueError(f"download of {url} was truncated: {n} of {total} bytes")
-        check_sha256(h.hexdigest(), sha256, f"download of {url}")
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+        check_sha256(h.hexdigest(), sha256, f"download of {url}")  # before `atomic_write` renames the file into place
     return dst
 
 # %% ../nbs/07_weights.ipynb #39c9a512
