@@ -4,32 +4,12 @@
 
 # %% ../nbs/05b_checkpoint.ipynb #572f19f8
 from __future__ import annotations
-import os, random, secrets, zipfile
-from contextlib import contextmanager
+import random, zipfile
 from fastai.basics import *
+from .weights import atomic_write
 
 # %% auto #0
-__all__ = ['atomic_write', 'rng_states', 'set_rng_states', 'write_history', 'Checkpoint', 'load_checkpoint', 'check_meta']
-
-# %% ../nbs/05b_checkpoint.ipynb #d0b3597f
-def _fsync(p):
-    "Flush the file or folder `p` to disk, where the system allows it"
-    try: fd = os.open(p, os.O_RDONLY)
-    except OSError: return
-    try: os.fsync(fd)
-    except OSError: pass
-    finally: os.close(fd)
-
-@contextmanager
-def atomic_write(fn):
-    "Yield a temporary path next to `fn`; once the block has written it, it replaces `fn` in one step"
-    fn = Path(fn); fn.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fn.with_name(f'{fn.name}.{secrets.token_hex(4)}.partial{fn.suffix}')
-    try:
-        yield tmp
-        _fsync(tmp); os.replace(tmp, fn); _fsync(fn.parent)
-    finally:
-        if tmp.exists(): tmp.unlink()
+__all__ = ['rng_states', 'set_rng_states', 'write_history', 'Checkpoint', 'load_checkpoint', 'check_meta']
 
 # %% ../nbs/05b_checkpoint.ipynb #3fb89c8b
 def _plain(o):

@@ -11,6 +11,7 @@ from fastai.callback.all import *
 from fastai.interpret import ClassificationInterpretation
 from .data import *
 from .learner import *
+from .weights import atomic_write
 from .checkpoint import *
 from fastcore.script import call_parse, store_true
 try: from fastcore.script import is_cli

@@ -8,7 +8,8 @@ from fastai.imports import *
 from fastai.torch_imports import *
 from fastai.torch_core import *
 from typing import NamedTuple
-import argparse, hashlib, http.client, pickle, tempfile, warnings
+import argparse, hashlib, http.client, pickle, secrets, warnings
+from contextlib import contextmanager
 from urllib.parse import urlparse
 from urllib.request import urlopen, Request
 from urllib.error import URLError
@@ -19,8 +20,9 @@ from .convert import *
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'SAFE_GLOBALS', 'WeightSource', 'weight_source', 'pretrained_kwargs', 'hash_prefix', 'file_sha256',
-           'check_sha256', 'download_weights', 'weights_dir', 'cached_weights', 'read_weights', 'guess_source',
-           'to_effnet_keys', 'adapt_stem', 'inflate_weight', 'adapt_state_dict', 'checkpoint_shapes', 'load_pretrained']
+           'check_sha256', 'atomic_write', 'download_weights', 'weights_dir', 'cached_weights', 'read_weights',
+           'guess_source', 'to_effnet_keys', 'adapt_stem', 'inflate_weight', 'adapt_state_dict', 'checkpoint_shapes',
+           'load_pretrained']
 
 # %% ../nbs/07_weights.ipynb #63a3fdf0
 class WeightSource(NamedTuple):
@@ -60,7 +62,7 @@ WEIGHTS = {
 # %% ../nbs/07_weights.ipynb #5eee3e8f
 _DEFAULT_TAGS = ('imagenet', 'advprop', 'noisy_student')
 
-def weight_source(variant, pretrained=True, padding='same'):
+def weight_source(variant:str, pretrained:bool|str|Path=True, padding:str='same')->WeightSource|None:
     "The `WeightSource` named by `pretrained` (True or a tag of `WEIGHTS`) for `variant`; None for a path or URL"
     if pretrained is True:
         tags = ('torchvision',) if padding == 'symmetric' else _DEFAULT_TAGS
@@ -74,7 +76,7 @@ def weight_source(variant, pretrained=True, padding='same'):
         raise ValueError(f"no {tag!r} weights for EfficientNet-{variant}; they exist for {list(WEIGHTS[tag])}")
     return WEIGHTS[tag][variant]
 
-def pretrained_kwargs(variant, pretrained=True, padding='same'):
+def pretrained_kwargs(variant:str, pretrained:bool|str|Path=True, padding:str='same')->dict:
     "Model arguments the checkpoint named by `pretrained` needs (e.g. torchvision's padding and BatchNorm eps)"
     ws = weight_source(variant, pretrained, padding)
     return dict(ws.model_kwargs or {}) if ws else {}
@@ -82,24 +84,44 @@ def pretrained_kwargs(variant, pretrained=True, padding='same'):
 # %% ../nbs/07_weights.ipynb #19647d35
 _HASH_RE = re.compile(r'-([0-9a-f]{8,64})\.')
 
-def hash_prefix(url):
+def hash_prefix(url:str|Path)->str|None:
     "The SHA-256 prefix in a file name such as `name-355c32eb.pth` (torch hub's convention), or None"
     m = _HASH_RE.search(Path(urlparse(str(url)).path).name)
     return m.group(1) if m else None
 
-def file_sha256(path, chunk=1<<20):
+def file_sha256(path:str|Path, chunk:int=1<<20)->str:
     "SHA-256 hex digest of the file at `path`"
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
-def check_sha256(digest, expected, what):
+def check_sha256(digest:str, expected:str|None, what:str)->None:
     "Raise a ValueError naming `what` unless `digest` starts with `expected` (a full digest or a prefix)"
     if expected and not digest.startswith(expected.lower()):
         raise ValueError(f"{what} failed its SHA-256 check: expected {expected}..., got {digest}. "
                          "The file is corrupt, truncated, or not the one the table names (to load a file you "
                          "trust without this check, pass its path as `pretrained`).")
+
+# %% ../nbs/07_weights.ipynb #d0b3597f
+def _fsync(p):
+    "Flush the file or folder `p` to disk, where the system allows it"
+    try: fd = os.open(p, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+@contextmanager
+def atomic_write(fn:str|Path)->Iterator[Path]:
+    "Yield a temporary path next to `fn`; once the block has written it, it replaces `fn` in one step"
+    fn = Path(fn); fn.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fn.with_name(f'{fn.name}.{secrets.token_hex(4)}.partial{fn.suffix}')
+    try:
+        yield tmp
+        _fsync(tmp); os.replace(tmp, fn); _fsync(fn.parent)
+    finally:
+        if tmp.exists(): tmp.unlink()
 
 # %% ../nbs/07_weights.ipynb #af5ccb56
 def _offline_msg(url, dst, expected, err):
@@ -107,13 +129,12 @@ def _offline_msg(url, dst, expected, err):
     return (f"could not download {url}: {err}.\nOffline? Download that file on a machine with internet and place it at\n"
             f"  {dst}{h}\nor pass its path: pretrained='/path/to/{Path(dst).name}'.")
 
-def download_weights(url, dst, sha256=None, progress=True, timeout=60):
-    "Download `url` to `dst` atomically (temp file + rename), verifying its length and SHA-256 (full digest or prefix)"
-    dst = Path(dst); dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + '.', suffix='.partial')
-    try:
+def download_weights(url:str, dst:str|Path, sha256:str|None=None, progress:bool=True, timeout:float=60)->Path:
+    "Download `url` to `dst` atomically (`atomic_write`), verifying its length and SHA-256 (full digest or prefix)"
+    dst = Path(dst)
+    with atomic_write(dst) as tmp:
         h, n = hashlib.sha256(), 0
-        with os.fdopen(fd, 'wb') as f:
+        with open(tmp, 'wb') as f:
             try:
                 with urlopen(Request(url, headers={'User-Agent': 'effnet_fastai'}), timeout=timeout) as r:
                     total = int(r.headers.get('Content-Length') or 0)
@@ -126,18 +147,15 @@ def download_weights(url, dst, sha256=None, progress=True, timeout=60):
             except (URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
                 raise ConnectionError(_offline_msg(url, dst, sha256, e)) from None
         if total and n != total: raise ValueError(f"download of {url} was truncated: {n} of {total} bytes")
-        check_sha256(h.hexdigest(), sha256, f"download of {url}")
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+        check_sha256(h.hexdigest(), sha256, f"download of {url}")  # before `atomic_write` renames the file into place
     return dst
 
 # %% ../nbs/07_weights.ipynb #39c9a512
-def weights_dir():
+def weights_dir()->Path:
     "Where checkpoints are cached: torch hub's `checkpoints` folder"
     return Path(torch.hub.get_dir())/'checkpoints'
 
-def cached_weights(url, sha256=None, progress=True):
+def cached_weights(url:str, sha256:str|None=None, progress:bool=True)->Path:
     "Path of the verified local copy of `url` in `weights_dir()`, downloading it first if needed"
     dst = weights_dir()/Path(urlparse(url).path).name
     expected = sha256 or hash_prefix(url)
@@ -173,7 +191,9 @@ def _refused(path, err):
                       f"deliberately: `read_weights(path, safe_globals=[{g}])`, or `torch.serialization.add_safe_globals([{g}])` "
                       f"before `pretrained=`. Error: {first(l.strip() for l in str(err).splitlines() if 'GLOBAL' in l) or err}")
 
-def read_weights(path, safe_globals:list=()): # more globals to allow, besides `SAFE_GLOBALS` (classes you trust)
+def read_weights(path:str|Path, # a file `torch.save` wrote, or a `.safetensors` file
+                 safe_globals:list=(), # more globals to allow, besides `SAFE_GLOBALS` (classes you trust)
+                )->dict:
     "State dict read from `path` with `weights_only=True`: tensors, plain containers and `SAFE_GLOBALS`, never code"
     path = Path(path)
     try:
@@ -192,7 +212,7 @@ def read_weights(path, safe_globals:list=()): # more globals to allow, besides `
 _STEM_KEYS = {'stem.0.weight': 'effnet_fastai', '_conv_stem.weight': 'lukemelas', 'conv_stem.weight': 'timm',
               'features.0.0.weight': 'torchvision'}
 
-def guess_source(sd):
+def guess_source(sd:dict)->str:
     "Which library's keys state dict `sd` has: 'effnet_fastai', 'lukemelas', 'monai', 'timm' or 'torchvision'"
     src = first(s for k, s in _STEM_KEYS.items() if k in sd)
     if src is None:
@@ -201,7 +221,7 @@ def guess_source(sd):
     if src == 'lukemelas' and any(re.match(r'_blocks\.\d+\.\d+\.', k) for k in sd): return 'monai'  # blocks nested by stage
     return src
 
-def to_effnet_keys(sd, source=None):
+def to_effnet_keys(sd:dict, source:str|None=None)->dict:
     "State dict `sd` (from `source`, guessed if None) with our keys"
     source = source or guess_source(sd)
     if source == 'effnet_fastai': return dict(sd)
@@ -216,14 +236,14 @@ def _stem_mix(ni, like):
     else: a[c, c % 3] = 1. / torch.bincount(c % 3, minlength=3)[c % 3].to(like)
     return a
 
-def adapt_stem(w, ni):
+def adapt_stem(w:Tensor, ni:int)->Tensor:
     "First-conv weight `w` (nf, 3, ...) adapted to `ni` input channels: summed for 1, repeated and rescaled otherwise"
     if w.shape[1] == ni: return w
     if w.shape[1] != 3: raise ValueError(f"the stem weight has {w.shape[1]} input channels; only RGB (3) can be adapted")
     return torch.einsum('cj,oj...->oc...', _stem_mix(ni, w), w)
 
 # %% ../nbs/07_weights.ipynb #d08235c5
-def inflate_weight(w, ks, inflate='center'):
+def inflate_weight(w:Tensor, ks:tuple, inflate:str='center')->Tensor:
     "2D conv weight `w` (nf, ni, kh, kw) as the weight of a conv with kernel `ks` ((kh, kw) or (kd, kh, kw))"
     if inflate not in ('center', 'mean'): raise ValueError(f"`inflate` must be 'center' or 'mean', got {inflate!r}")
     ks = tuple(ks)
@@ -241,7 +261,7 @@ def inflate_weight(w, ks, inflate='center'):
 def _fresh_fc(m):
     return init_effnet_(nn.Linear(m.num_features, m.num_classes)).state_dict()
 
-def adapt_state_dict(sd, m, inflate='center'):
+def adapt_state_dict(sd:dict, m:nn.Module, inflate:str='center')->dict:
     "A complete state dict for `m` from 2D RGB 1000-class weights `sd` (our keys): stem, inflation, classifier"
     if m.ndim not in (2, 3): raise ValueError(f"2D weights initialise 2D and 3D models, got ndim={m.ndim}")
     own, out = m.state_dict(), {}
@@ -291,7 +311,8 @@ def _fetch(m, pretrained, progress):
         raise FileNotFoundError(f"`pretrained`={s!r} is not a tag of WEIGHTS {list(WEIGHTS)}, a URL, or an existing file")
     return Path(s), None
 
-def load_pretrained(m, pretrained=True, progress=True, inflate='center', source=None):
+def load_pretrained(m:nn.Module, pretrained:bool|str|Path=True, progress:bool=True, inflate:str='center',
+                    source:str|None=None)->nn.Module:
     "Load ImageNet weights into `m` (True, a tag, a path or a URL), adapting stem, dimensions and classifier"
     if getattr(m, 'variant', None) not in VARIANTS:
         raise ValueError("load_pretrained needs a model built by `efficientnet(variant, ...)` or a factory (it reads `m.variant`)")
