@@ -55,6 +55,16 @@ def cut_model(model:nn.Module, cut:int|Callable)->nn.Module:
 def _add_zscore(dls):
     if not dls.after_batch.fs.filter(risinstance(ZScore)): dls.add_tfms([ZScore()], 'after_batch')
 
+def _from_data(dls, n_out, ndim, ni, normalize, pretrained, meta):
+    "`(n_out, ndim, ni)` read from `dls` where not given; adds the normalisation `normalize` asks for"
+    n_out = ifnone(n_out, get_c(dls))
+    if not n_out: raise ValueError("`n_out` is not defined and could not be inferred from the data: set `dls.c` or pass `n_out`")
+    xb = dls.one_batch()[0]
+    ndim, ni = ifnone(ndim, xb.ndim - 2), ifnone(ni, xb.shape[1])
+    if normalize and isinstance(xb, TensorVolume): _add_zscore(dls)
+    if normalize and ndim == 2: _add_norm(dls, meta, pretrained, ni)
+    return n_out, ndim, ni
+
 @delegates(create_effnet_model)
 def efficientnet_learner(dls:DataLoaders, arch:Callable|str, n_out:int|None=None, pretrained:bool|str|Path=False,
         normalize:bool=True,
@@ -65,14 +75,9 @@ def efficientnet_learner(dls:DataLoaders, arch:Callable|str, n_out:int|None=None
         cbs:list|None=None, metrics:list|None=None, path:str|Path|None=None, model_dir:str|Path='models',
         wd:float|None=None, wd_bn_bias:bool=False, train_bn:bool=True, moms:tuple=(0.95, 0.85, 0.95), **kwargs)->Learner:
     "Build a fastai `Learner` with EfficientNet `arch` (a factory or its name) for the data in `dls`"
-    n_out = ifnone(n_out, get_c(dls))
-    if not n_out: raise ValueError("`n_out` is not defined and could not be inferred from the data: set `dls.c` or pass `n_out`")
     arch = effnet_arch(arch)
-    xb = dls.one_batch()[0]
-    ndim, ni = ifnone(ndim, xb.ndim - 2), ifnone(ni, xb.shape[1])
-    if normalize and isinstance(xb, TensorVolume): _add_zscore(dls)
     meta = model_meta.get(arch, effnet_meta)
-    if normalize and ndim == 2: _add_norm(dls, meta, pretrained, ni)
+    n_out, ndim, ni = _from_data(dls, n_out, ndim, ni, normalize, pretrained, meta)
     if not pretrained: kwargs.setdefault('bn_momentum', 0.1)
     model = create_effnet_model(arch, n_out, ni=ni, ndim=ndim, pretrained=pretrained, **kwargs)
     learn = Learner(dls=dls, model=model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=ifnone(splitter, meta['split']),
