@@ -22,13 +22,13 @@ def _plain(o):
 
 def _py_state(s): return (s[0], tuple(s[1]), s[2])
 
-def rng_states(dls=None):
+def rng_states(dls:DataLoaders|None=None)->dict:
     "The states of Python's, NumPy's and PyTorch's generators and of the shuffling of each loader of `dls`"
     return {'python': _plain(random.getstate()), 'numpy': _plain(np.random.get_state()), 'torch': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             'dls': [_plain(dl.rng.getstate()) for dl in getattr(dls, 'loaders', [])]}
 
-def set_rng_states(s, dls=None):
+def set_rng_states(s:dict, dls:DataLoaders|None=None):
     "Put back the generators' states `s` read by `rng_states`"
     random.setstate(_py_state(s['python']))
     name, key, *rest = s['numpy']; np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
@@ -39,7 +39,7 @@ def set_rng_states(s, dls=None):
 # %% ../nbs/05b_checkpoint.ipynb #0dcf7f6e
 _FORMAT = 'effnet_fastai.checkpoint/1'
 
-def write_history(fn, names, rows):
+def write_history(fn:str|Path, names:list, rows:list):
     "Write the table `names`, `rows` to the CSV file `fn` as `CSVLogger` does, atomically"
     with atomic_write(fn) as tmp: tmp.write_text(''.join(','.join(map(str, r)) + '\n' for r in [names, *rows]))
 
@@ -47,9 +47,9 @@ def write_history(fn, names, rows):
 class Checkpoint(Callback):
     "Save model, optimizer, epoch, random states and history to `fname` at the end of every epoch, atomically"
     order = Recorder.order + 15 # after `Recorder`, `ProgressCallback` and `CSVLogger` have logged the epoch
-    def __init__(self, fname='checkpoint.pth', # the file, under `learn.path` unless absolute
-                 history=None, # also write the metrics table to this CSV file (`CSVLogger`'s format)
-                 meta=None): # a plain dict (a run's arguments) saved with the checkpoint
+    def __init__(self, fname:str|Path='checkpoint.pth', # the file, under `learn.path` unless absolute
+                 history:str|Path|None=None, # also write the metrics table to this CSV file (`CSVLogger`'s format)
+                 meta:dict|None=None): # a plain dict (a run's arguments) saved with the checkpoint
         store_attr(); self.stage, self.resume, self.rows, self.start = 0, None, [], 0
 
     def before_fit(self):
@@ -129,7 +129,7 @@ class Checkpoint(Callback):
 # %% ../nbs/05b_checkpoint.ipynb #6ca9c686
 _KEYS = {'format', 'epoch', 'n_epoch', 'stage', 'train_iter', 'meta', 'model', 'opt', 'rng', 'scaler', 'history'}
 
-def load_checkpoint(fn, device='cpu'):
+def load_checkpoint(fn:str|Path, device:str|torch.device='cpu')->dict:
     "The checkpoint in file `fn` as a dict, read with `weights_only=True` after checking every record's CRC"
     fn = Path(fn)
     if not fn.is_file(): raise FileNotFoundError(f"no checkpoint at {fn}")
@@ -142,7 +142,7 @@ def load_checkpoint(fn, device='cpu'):
         raise ValueError(f"{fn} is not a checkpoint written by effnet_fastai's `Checkpoint`")
     return {**ck, 'fname': str(fn)}
 
-def check_meta(ck, meta, prefix=''):
+def check_meta(ck:dict, meta:dict, prefix:str=''):
     "Refuse checkpoint `ck` if a value of `meta` differs from the one saved with it, naming the argument"
     old = ck['meta']
     for k, v in _plain(meta or {}).items():

@@ -65,7 +65,7 @@ def export_program(m:nn.Module, # the model (put in eval mode for the export, th
 
 # %% ../nbs/09_export.ipynb #9dac77e0
 def export_onnx(m:nn.Module, # the model (put in eval mode for the export, then restored)
-                fname, # the `.onnx` file to write
+                fname:str|Path, # the `.onnx` file to write
                 x:Tensor, # an example input: its spatial size is fixed in the graph
                 dynamic_batch:bool=True, # let the batch size vary
                 opset:int=18, # ONNX opset version

@@ -18,7 +18,7 @@ __all__ = ['FastConv1dSame', 'FastConv2dSame', 'FastConv3dSame', 'depthwise_weig
 # %% ../nbs/01a_fast.ipynb #988d1e74
 _conv_fns = (F.conv1d, F.conv2d, F.conv3d)
 
-def depthwise_weight_grad(x, grad, padding, ks):
+def depthwise_weight_grad(x:Tensor, grad:Tensor, padding:tuple, ks:tuple)->Tensor:
     "Weight gradient of a stride-1 depthwise convolution of `x` with symmetric `padding`, as one grouped convolution"
     n, c, nd = x.shape[0], x.shape[1], x.ndim - 2
     xp = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)]).reshape(1, n * c, *[s + 2 * p for s, p in zip(x.shape[2:], padding)])
@@ -110,7 +110,7 @@ def _bn_foldable(layer, x):
             and not hasattr(conv, 'weight_orig') and not hasattr(conv, 'weight_g') and _no_hooks(*layer))
 
 # %% ../nbs/01a_fast.ipynb #6da6e223
-def bn_eval_(x, bn):
+def bn_eval_(x:Tensor, bn:nn.Module)->Tensor:
     "Eval-mode BatchNorm `bn` applied to `x` in place: PyTorch's kernel writing into its own input"
     e = bn.running_mean.new_empty(0)
     torch.ops.aten.native_batch_norm.out(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0., bn.eps,
@@ -118,7 +118,7 @@ def bn_eval_(x, bn):
     return x
 
 _bn_exact = {}
-def bn_inplace_exact(device, dtype):
+def bn_inplace_exact(device:str|torch.device, dtype:torch.dtype)->bool:
     "Whether `bn_eval_` reproduces this build's BatchNorm kernel to the bit on `device` and `dtype` (checked once)"
     key = (torch.device(device).type, dtype)
     if key not in _bn_exact:

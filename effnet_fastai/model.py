@@ -227,7 +227,7 @@ def calibrate_bn_(model:nn.Module, x:Tensor)->nn.Module:
     return model.eval()
 
 # %% ../nbs/02_model.ipynb #e19cca13
-def saved_activation_bytes(model, *args, **kwargs):
+def saved_activation_bytes(model:nn.Module, *args, **kwargs)->tuple:
     "`(output, bytes)`: the bytes of distinct storages autograd saves for backward in `model(*args, **kwargs)`, parameters excluded"
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}

@@ -17,9 +17,9 @@ from .model import *
 __all__ = ['VIDEO_KWARGS', 'video_preset', 'model_summary']
 
 # %% ../nbs/08_video.ipynb #c0a895fa
-def video_preset(time_strides=(1, 1,1,1,2,1,2,1), # temporal stride of the stem, then of each of the 7 stages
-                 time_kernels=(1,1,1,3,3,3,3), # temporal kernel of each of the 7 stages
-                 block_spec=BLOCK_SPEC): # the spatial layout comes from here (give the model the same)
+def video_preset(time_strides:tuple=(1, 1,1,1,2,1,2,1), # temporal stride of the stem, then of each of the 7 stages
+                 time_kernels:tuple=(1,1,1,3,3,3,3), # temporal kernel of each of the 7 stages
+                 block_spec:list=BLOCK_SPEC)->dict: # the spatial layout comes from here (give the model the same)
     "Keyword arguments of `EfficientNet`/the factories for clips `(N, C, T, H, W)`: per-stage temporal strides and kernels"
     specs = [decode_stage(s) for s in block_spec]
     if len(time_strides) != len(specs) + 1:
