@@ -51,7 +51,7 @@ class TensorVideo(TensorVolume):
 # %% ../nbs/04_data.ipynb #c2d4e6f8
 class TensorMask3D(TensorBase):
     "Integer labels `(D, H, W)` of a volume that show as a coloured overlay on its slice montage"
-    _show_args = {'cmap': 'tab20', 'alpha': 0.5, 'interpolation': 'nearest'}
+    _show_args = {'cmap': 'tab10', 'alpha': 0.5, 'interpolation': 'nearest'}
     def show(self, ctx=None, n_slices:int=9, **kwargs):
         m = montage(self[None], n_slices, pad=0)[0].numpy()
         kwargs = {**self._show_args, **kwargs}
