@@ -16,8 +16,9 @@ from .weights import *
 from .factories import *
 from .video import *
 from .data import *
+from .segdata import *
 from .learner import *
 from .checkpoint import *
 from .export import *
-from . import layers, blocks, fast, model, convert, weights, factories, video, data, learner, checkpoint, export
-__all__ = [n for m in (layers, blocks, fast, model, convert, weights, factories, video, data, learner, checkpoint, export) for n in m.__all__]
+from . import layers, blocks, fast, model, convert, weights, factories, video, data, segdata, learner, checkpoint, export
+__all__ = [n for m in (layers, blocks, fast, model, convert, weights, factories, video, data, segdata, learner, checkpoint, export) for n in m.__all__]

@@ -14,6 +14,7 @@ ORDER = [
     "factories",
     "video",
     "data",
+    "segdata",
     "learner",
     "checkpoint",
     "export",
