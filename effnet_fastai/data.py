@@ -14,20 +14,21 @@ from fastai.vision.augment import RandTransform
 from PIL import Image
 
 # %% auto #0
-__all__ = ['volume_extensions', 'SHAPES', 'DIRECTIONS', 'montage', 'TensorVolume', 'TensorVideo', 'load_volume', 'load_clip',
-           'Resize3D', 'Affine3D', 'Intensity3D', 'aug_transforms_3d', 'ZScore', 'VolumeBlock', 'VideoBlock',
-           'show_batch', 'shape_volume', 'moving_shape_clip', 'ShapeVolumes', 'MovingShapes', 'volume_dls']
+__all__ = ['volume_extensions', 'SHAPES', 'DIRECTIONS', 'montage', 'TensorVolume', 'TensorVideo', 'TensorMask3D', 'load_volume',
+           'load_clip', 'Resize3D', 'Affine3D', 'Intensity3D', 'aug_transforms_3d', 'ZScore', 'VolumeBlock',
+           'VideoBlock', 'show_batch', 'shape_volume', 'moving_shape_clip', 'ShapeVolumes', 'MovingShapes',
+           'volume_dls']
 
 # %% ../nbs/04_data.ipynb #dca4236b
-def montage(x, n_slices=9, ncols=None):
+def montage(x, n_slices=9, ncols=None, pad=None):
     "Grid of `n_slices` evenly spaced slices along the first spatial axis of `x` `(C, D, H, W)`, as a `(C, h, w)` image"
     if x.ndim != 4: raise ValueError(f"`montage` expects a (C, D, H, W) tensor, got shape {tuple(x.shape)}")
     x = x.detach().float().cpu()
     idx = torch.linspace(0, x.shape[1]-1, min(n_slices, x.shape[1])).round().long()
     sl = x[:, idx]
     ncols = ifnone(ncols, math.ceil(math.sqrt(len(idx))))
-    nrows, pad = math.ceil(len(idx)/ncols), -len(idx) % ncols
-    if pad: sl = torch.cat([sl, sl.new_full((sl.shape[0], pad, *sl.shape[2:]), sl.min().item())], 1)
+    nrows, n_pad = math.ceil(len(idx)/ncols), -len(idx) % ncols
+    if n_pad: sl = torch.cat([sl, sl.new_full((sl.shape[0], n_pad, *sl.shape[2:]), ifnone(pad, sl.min().item()))], 1)
     c, _, h, w = sl.shape
     return sl.view(c, nrows, ncols, h, w).permute(0, 1, 3, 2, 4).reshape(c, nrows*h, ncols*w)
 
@@ -46,6 +47,19 @@ class TensorVideo(TensorVolume):
     "A channel-first clip `(C, T, H, W)` that shows as a montage of frames"
     @classmethod
     def create(cls, fn, **kwargs): return cls(load_clip(fn))
+
+# %% ../nbs/04_data.ipynb #c2d4e6f8
+class TensorMask3D(TensorBase):
+    "Integer labels `(D, H, W)` of a volume that show as a coloured overlay on its slice montage"
+    _show_args = {'cmap': 'tab10', 'alpha': 0.5, 'interpolation': 'nearest'}
+    def show(self, ctx=None, n_slices:int=9, **kwargs):
+        m = montage(self[None], n_slices, pad=0)[0].numpy()
+        kwargs = {**self._show_args, **kwargs}
+        n = plt.get_cmap(kwargs['cmap']).N  # label k gets colour k
+        return show_image(np.ma.masked_equal(m, 0), ctx=ctx, **{'vmin': -0.5, 'vmax': n - 0.5, **kwargs})
+
+for o in Tensor.__getitem__, Tensor.__ne__, Tensor.__eq__, Tensor.add, Tensor.sub, Tensor.mul, Tensor.div, Tensor.__rsub__, Tensor.__radd__, torch.equal:
+    TensorBase.register_func(o, TensorMask3D, TensorVolume); TensorBase.register_func(o, TensorVolume, TensorMask3D)  # as fastai's TensorMask
 
 # %% ../nbs/04_data.ipynb #e2fccc1b
 volume_extensions = ('.npy', '.npz', '.pt', '.pth', '.nii', '.nii.gz')
@@ -125,19 +139,28 @@ def _size3(size):
     return size
 
 class Resize3D(DisplayedTransform):
-    "Resize a volume or clip (or a batch of them) to `size` `(D, H, W)` by trilinear interpolation"
+    "Resize a volume or clip (or a batch of them) to `size` `(D, H, W)`, trilinear (masks: nearest)"
     order = 1
     def __init__(self, size): self.size = _size3(size)
     def encodes(self, x:TensorVolume):
         if tuple(x.shape[-3:]) == self.size: return x
         y = F.interpolate(x[None] if x.ndim == 4 else x, size=self.size, mode='trilinear', align_corners=False)
         return y[0] if x.ndim == 4 else y
+    def encodes(self, x:TensorMask3D):  # noqa: F811
+        if tuple(x.shape[-3:]) == self.size: return x
+        y = F.interpolate(x.reshape(-1, 1, *x.shape[-3:]).float(), size=self.size, mode='nearest-exact')
+        return y.reshape(*x.shape[:-3], *self.size).long()
 
 # %% ../nbs/04_data.ipynb #f2a6cba1
 def _rand(n, lo, hi): return torch.rand(n) * (hi - lo) + lo
 
+def _first_spatial(b):
+    "The first volume or mask in the (nested) tuple `b`"
+    if isinstance(b, (TensorVolume, TensorMask3D)): return b
+    if isinstance(b, (tuple, list)): return next((o for o in map(_first_spatial, b) if o is not None), None)
+
 class Affine3D(RandTransform):
-    "Random flips, zoom-in crops and in-plane rotations of a batch of volumes, one affine map per sample"
+    "Random flips, zoom-in crops and in-plane rotations of a batch of volumes (and masks), one affine map per sample"
     order, split_idx = 30, 0
     def __init__(self,
                  flip_axes=(0, 1, 2), # spatial axes (0=D, 1=H, 2=W) each flipped with probability `p_flip`
@@ -165,10 +188,19 @@ class Affine3D(RandTransform):
         th = torch.cat([m, t[..., None]], 2)
         return th.flip(1)[:, :, list(range(k))[::-1] + [k]]  # (D, H, W) order -> (x, y, z) order
 
-    def encodes(self, x:TensorVolume):
-        th = self.theta(x.shape[0], x.ndim - 2).to(x.device, x.dtype)
+    def before_call(self, b, split_idx):
+        "Draw the maps once per batch, for the volume and its mask alike"
+        super().before_call(b, split_idx)
+        if self.split_idx is not None and split_idx != self.split_idx: return
+        x = _first_spatial(b)
+        if x is not None: self.th = self.theta(x.shape[0], x.ndim - (1 if isinstance(x, TensorMask3D) else 2))
+
+    def _resample(self, x, mode):
+        th = self.th.to(x.device, x.dtype)
         grid = F.affine_grid(th, x.shape, align_corners=False)
-        return F.grid_sample(x, grid, mode=self.mode, padding_mode=self.pad_mode, align_corners=False)
+        return F.grid_sample(x, grid, mode=mode, padding_mode=self.pad_mode, align_corners=False)
+    def encodes(self, x:TensorVolume): return self._resample(x, self.mode)
+    def encodes(self, x:TensorMask3D): return self._resample(x[:, None].float(), 'nearest')[:, 0].long()  # noqa: F811
 
 class Intensity3D(RandTransform):
     "Random per-sample intensity scaling by `1 ± max_scale` and shift by `± max_shift` (in units of the sample's std)"

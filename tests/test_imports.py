@@ -15,6 +15,7 @@ ORDER = [
     "unet",
     "video",
     "data",
+    "segdata",
     "learner",
     "checkpoint",
     "export",
