@@ -10,11 +10,13 @@ from fastai.vision.learner import model_meta, create_head, apply_init, _add_norm
 from fastai.vision.data import get_grid
 from .model import *
 from .factories import *
+from .unet import *
 from .data import *
+from .segdata import *
 
 # %% auto #0
-__all__ = ['AdaptiveConcatPool', 'create_effnet_head', 'create_effnet_model', 'cut_model', 'efficientnet_learner', 'show_results',
-           'ChannelsLast3D', 'AutocastCPU', 'to_sync_batchnorm']
+__all__ = ['AdaptiveConcatPool', 'create_effnet_head', 'create_effnet_model', 'cut_model', 'efficientnet_learner',
+           'efficientnet_unet_learner', 'show_results', 'ChannelsLast3D', 'AutocastCPU', 'to_sync_batchnorm']
 
 # %% ../nbs/05_learner.ipynb #673cfecb
 class AdaptiveConcatPool(Module):
@@ -83,6 +85,29 @@ def efficientnet_learner(dls:DataLoaders, arch:Callable|str, n_out:int|None=None
     learn = Learner(dls=dls, model=model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=ifnone(splitter, meta['split']),
                     cbs=cbs, metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias,
                     train_bn=train_bn, moms=moms)
+    if pretrained: learn.freeze()
+    store_attr('arch,normalize,n_out,pretrained,ndim,ni', self=learn)
+    return learn
+
+# %% ../nbs/05_learner.ipynb #c40e6cbb
+@delegates(efficientnet_unet, but=['n_out', 'ni', 'ndim', 'pretrained'])
+def efficientnet_unet_learner(dls:DataLoaders, arch:Callable|str='b0', n_out:int|None=None, pretrained:bool|str|Path=False,
+        normalize:bool=True,
+        ndim:int|None=None, # spatial dimensions of the input, read from a batch when None
+        ni:int|None=None, # input channels, read from a batch when None
+        # learner args
+        loss_func:Callable|None=None, # default: `DiceCELoss()`
+        opt_func:Callable=Adam, lr:float=defaults.lr, splitter:Callable|None=None, cbs:list|None=None,
+        metrics:list|None=None, # default: `[foreground_dice]`
+        path:str|Path|None=None, model_dir:str|Path='models', wd:float|None=None, wd_bn_bias:bool=False,
+        train_bn:bool=True, moms:tuple=(0.95, 0.85, 0.95), **kwargs)->Learner:
+    "A fastai `Learner` with a U-Net on EfficientNet `arch` (`efficientnet_unet`) for the segmentation data in `dls`"
+    n_out, ndim, ni = _from_data(dls, n_out, ndim, ni, normalize, pretrained, effnet_meta)
+    if not pretrained: kwargs.setdefault('bn_momentum', 0.1)
+    model = efficientnet_unet(arch, n_out, ni=ni, ndim=ndim, pretrained=pretrained, **kwargs)
+    learn = Learner(dls=dls, model=model, loss_func=ifnone(loss_func, DiceCELoss()), opt_func=opt_func, lr=lr,
+                    splitter=ifnone(splitter, unet_split), cbs=cbs, metrics=ifnone(metrics, [foreground_dice]), path=path,
+                    model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias, train_bn=train_bn, moms=moms)
     if pretrained: learn.freeze()
     store_attr('arch,normalize,n_out,pretrained,ndim,ni', self=learn)
     return learn

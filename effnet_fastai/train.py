@@ -10,6 +10,7 @@ from fastai.basics import *
 from fastai.callback.all import *
 from fastai.interpret import ClassificationInterpretation
 from .data import *
+from .segdata import *
 from .learner import *
 from .weights import atomic_write
 from .checkpoint import *
@@ -18,7 +19,8 @@ try: from fastcore.script import is_cli
 except ImportError: is_cli = lambda f=None: False  # older fastcore: the console script exits with the learner's repr
 
 # %% auto #0
-__all__ = ['job_dls', 'plot_report', 'fit_job', 'job_checkpoint', 'job_finished', 'main']
+__all__ = ['TASKS', 'job_dls', 'job_seg_dls', 'plot_report', 'plot_seg_report', 'fit_job', 'job_checkpoint', 'job_finished',
+           'main']
 
 # %% ../nbs/06_train.ipynb #4a2c9df7
 def job_dls(data='shapes', ndim=3, size=24, bs=16, n_items=2400, seed=0, video=False, n_frames=8, valid_pct=0.2,
@@ -33,6 +35,16 @@ def job_dls(data='shapes', ndim=3, size=24, bs=16, n_items=2400, seed=0, video=F
     kind = 'video' if vid else 'volume' if ndim == 3 else 'image'
     return volume_dls(data, kind, size=size, valid_pct=valid_pct, seed=seed, bs=bs,
                       batch_tfms=None if kind == 'image' else aug)
+
+# %% ../nbs/06_train.ipynb #4fef893d
+TASKS = {'classify': dict(size=24, items=2400, bs=16, epochs=3),  # the defaults of each task
+         'segment':  dict(size=24, items=400, bs=8, epochs=8)}
+
+def job_seg_dls(data='shapes', ndim=3, size=32, bs=8, n_items=400, seed=0, valid_pct=0.2, aug=True):
+    "`DataLoaders` for segmenting: the synthetic `shapes` with per-voxel labels, or image/label pairs in a folder or CSV"
+    if data == 'shapes': return synthetic_seg_dls(n_items, size=size, bs=bs, seed=seed, valid_pct=valid_pct, aug=aug)
+    if ndim not in (2, 3): raise ValueError(f"`ndim` must be 2 (images) or 3 (volumes), got {ndim}")
+    return seg_dls(data, 'volume' if ndim == 3 else 'image', size=size, valid_pct=valid_pct, seed=seed, bs=bs, aug=aug)
 
 # %% ../nbs/06_train.ipynb #13c0e313
 def plot_report(learn, fn):
@@ -52,6 +64,32 @@ def plot_report(learn, fn):
     a1.set_xlabel('predicted'); a1.set_ylabel('actual'); a1.set_title('Confusion matrix (validation)')
     fig.tight_layout(); fig.savefig(fn, dpi=80); plt.close(fig)
     return cm
+
+# %% ../nbs/06_train.ipynb #f1b65434
+def plot_seg_report(learn, fn, n:int=3):
+    "Save the loss curves, the validation Dice per epoch and `n` validation items with target and predicted masks to the PNG `fn`"
+    rec = learn.recorder
+    losses, iters, vals = [float(l) for l in rec.losses], list(rec.iters), [v[1:] for v in rec.values]
+    names = list(rec.metric_names[2:-1])  # valid_loss, then the metrics
+    xb, yb = learn.dls.valid.one_batch()
+    with torch.no_grad(): pred = learn.model.eval()(xb[:n]).argmax(1).cpu()
+    x, y, n = xb[:n].cpu(), yb[:n].cpu(), min(n, len(xb))
+    fig, axs = plt.subplots(1, 2 + 2 * n, figsize=(4 * (2 + n), 3.2), gridspec_kw=dict(width_ratios=[2, 2] + [1] * (2 * n)))
+    axs[0].plot(range(len(losses)), losses, label='train'); axs[0].plot(iters, [v[0] for v in vals], 'o-', label='valid')
+    axs[0].set_xlabel('batch'); axs[0].set_title('Loss'); axs[0].legend()
+    codes = getattr(learn.dls, 'codes', None)  # 'dice_2' is drawn as the name of class 2
+    for i, nm in enumerate(names[1:], 1):
+        lbl = codes[int(nm[5:])] if codes is not None and nm.startswith('dice_') else nm
+        axs[1].plot(range(1, len(vals) + 1), [v[i] for v in vals], 'o-', label=lbl)
+    axs[1].set_xlabel('epoch'); axs[1].set_ylim(0, 1); axs[1].set_title('Validation Dice'); axs[1].legend()
+    for i in range(n):
+        mid = (lambda t: t[..., t.shape[-3] // 2, :, :]) if x.ndim == 5 else (lambda t: t)
+        for j, (m, title) in enumerate(((y[i], 'target'), (pred[i], 'prediction'))):
+            ax = axs[2 + 2 * i + j]
+            ax.imshow(mid(x[i])[0], cmap='gray'); ax.imshow(np.ma.masked_equal(mid(m).numpy(), 0), cmap='tab10', alpha=0.5, vmin=0, vmax=9)
+            ax.set_title(f'{title} {i}', fontsize=9); ax.axis('off')
+    fig.tight_layout(); fig.savefig(fn, dpi=70); plt.close(fig)
+    return vals[-1]
 
 # %% ../nbs/06_train.ipynb #bd03c832
 def fit_job(learn, epochs, lr, pretrained=False, ck=None):
@@ -89,27 +127,30 @@ def job_finished(ck, out):
 @call_parse
 def main(
     arch:str='b0', # EfficientNet variant or factory name ('b0' ... 'b8', 'l2')
-    data:str='shapes', # 'shapes' (synthetic volumes), 'moving' (synthetic clips), a folder of class subfolders, or a CSV of path,label
+    task:str='classify', # 'classify' (a label per item) or 'segment' (a label per voxel, with `efficientnet_unet`)
+    data:str='shapes', # 'shapes' (synthetic volumes), 'moving' (synthetic clips), a folder or a CSV (see "Data for the job")
     ndim:int=3, # spatial dimensions of file data: 2 for images, 3 for volumes and clips
     video:store_true=False, # file data are clips (.npy (T,H,W,C) arrays or folders of frames)
-    size:int=24, # resize items to this size (each spatial axis)
-    epochs:int=3, # number of epochs of the one-cycle schedule
-    bs:int=16, # batch size
+    size:int=0, # resize items to this size (each spatial axis); 0: the task's default (`TASKS`)
+    epochs:int=0, # number of epochs of the one-cycle schedule; 0: the task's default
+    bs:int=0, # batch size; 0: the task's default
     lr:float=3e-3, # maximum learning rate
     fp16:store_true=False, # train in mixed precision (float16 on a GPU; bfloat16 autocast on a CPU)
     out:str='effnet_fastai_run', # folder for the exported learner, the report and the checkpoint
     seed:int=0, # random seed (data, split, initialisation, augmentation)
-    items:int=2400, # number of synthetic items (one-word options read the same with every fastcore)
+    items:int=0, # number of synthetic items; 0: the task's default (one-word options read the same with every fastcore)
     frames:int=8, # frames of a synthetic clip
     pretrained:store_true=False, # start from pretrained weights (when available for `arch`)
     threads:int=0, # PyTorch CPU threads (0: PyTorch's default, one per core; 1 is faster on a busy machine)
-    ps:float=0.25, # dropout of the fastai head
+    ps:float=0.25, # dropout of the fastai head (classify)
     droppath:float=0., # stochastic depth (drop-connect) rate of the body
-    aug:store_true=False, # augment the synthetic data too (file data are always augmented)
+    aug:store_true=False, # augment the synthetic volumes to classify too (file data and segmentation always are)
     resume:store_true=False, # continue a killed run from its checkpoint (OUT/checkpoint.pth, or --ckpt)
     ckpt:str='', # the checkpoint file to continue from, if not OUT/checkpoint.pth (implies --resume)
 ):
-    "Train an EfficientNet with fastai and save the exported learner and a report"
+    "Train an EfficientNet (or a U-Net on one) with fastai and save the exported learner and a report"
+    if task not in TASKS: raise ValueError(f"`--task` must be one of {list(TASKS)}, got {task!r}")
+    size, epochs, bs, items = [v or TASKS[task][k] for k, v in (('size', size), ('epochs', epochs), ('bs', bs), ('items', items))]
     run = {k: v for k, v in locals().items() if k not in ('out', 'threads', 'resume', 'ckpt')}  # what a resumed run must repeat
     t0 = time.time()
     if threads: torch.set_num_threads(threads)
@@ -119,16 +160,22 @@ def main(
         print(f"the run in {out} has already finished ({ck['n_epoch']} of {ck['n_epoch']} epochs, then {out/'model.pkl'}): nothing to do")
         return
     set_seed(seed, reproducible=True)
-    dls = job_dls(data, ndim, size, bs, items, seed, video, frames, aug=aug or None)
     cb = Checkpoint(out.absolute()/'checkpoint.pth', history=out.absolute()/'history.csv', meta=run)
-    learn = efficientnet_learner(dls, arch, pretrained=pretrained, metrics=accuracy, cbs=cb, path=out, ps=ps,
-                                 drop_connect_rate=droppath)
+    if task == 'segment':
+        dls = job_seg_dls(data, ndim, size, bs, items, seed)
+        metrics = [foreground_dice] + [DicePerClass(cls=k) for k in range(1, dls.c)]
+        learn = efficientnet_unet_learner(dls, arch, pretrained=pretrained, metrics=metrics, cbs=cb, path=out, drop_connect_rate=droppath)
+    else:
+        dls = job_dls(data, ndim, size, bs, items, seed, video, frames, aug=aug or None)
+        learn = efficientnet_learner(dls, arch, pretrained=pretrained, metrics=accuracy, cbs=cb, path=out, ps=ps,
+                                     drop_connect_rate=droppath)
     if fp16: learn.to_mixed_precision()
     fit_job(learn, epochs, lr, pretrained, ck)
-    acc = learn.recorder.values[-1][2]
+    score = learn.recorder.values[-1][2]
     learn.remove_cb(cb)
     write_history(out/'history.csv', learn.recorder.metric_names, cb.rows)  # (a run resumed after its last epoch has not)
-    with atomic_write(out/'report.png') as fn: plot_report(learn, fn)
+    with atomic_write(out/'report.png') as fn: (plot_seg_report if task == 'segment' else plot_report)(learn, fn)
     with atomic_write(out/'model.pkl') as fn: learn.export(fn.absolute())  # (`export` writes to `learn.path/fn`)
-    print(f"validation accuracy {acc:.4f}; wrote {out/'model.pkl'}, {out/'report.png'}, {out/'history.csv'} in {time.time()-t0:.0f} s")
+    print(f"validation {'foreground Dice' if task == 'segment' else 'accuracy'} {score:.4f}; "
+          f"wrote {out/'model.pkl'}, {out/'report.png'}, {out/'history.csv'} in {time.time()-t0:.0f} s")
     return None if is_cli(main) else learn  # (a console script exits with what it returns)
