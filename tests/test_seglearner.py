@@ -1,0 +1,82 @@
+"""The segmentation learner (issue 12): 2D images through fastai's blocks, pretrained (inflated) encoder weights with
+`freeze`/`fine_tune`, mixed precision, export and load_learner, gradient checkpointing of the encoder."""
+
+import io, warnings
+import numpy as np, pytest, torch
+from PIL import Image
+from fastai.learner import load_learner
+from effnet_fastai.factories import efficientnet_b0
+from effnet_fastai.learner import efficientnet_unet_learner
+from effnet_fastai.segdata import seg_dls, synthetic_seg_dls
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+
+
+@pytest.fixture
+def png_pairs(tmp_path):
+    "Eight RGB images of a square and a disc, with their 3-class masks, as images/ and labels/ PNG files"
+    rng = np.random.default_rng(0)
+    for d in ("images", "labels"):
+        (tmp_path / d).mkdir()
+    yy, xx = np.mgrid[:32, :32]
+    for i in range(8):
+        m = np.zeros((32, 32), np.uint8)
+        m[4:14, 4 + i : 14 + i] = 1
+        m[(yy - 22) ** 2 + (xx - 20) ** 2 < 25] = 2
+        img = (m[..., None] * 90 + rng.integers(0, 40, (32, 32, 3))).astype(np.uint8)
+        Image.fromarray(img).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(m).save(tmp_path / "labels" / f"{i}.png")
+    return tmp_path
+
+
+def test_2d_images(png_pairs):
+    "2D image/label pairs: the learner reads 3 channels and 3 classes, trains an epoch, predicts at the image's size"
+    dls = seg_dls(png_pairs, kind="image", bs=2)
+    learn = efficientnet_unet_learner(dls, "b0")
+    assert (learn.ndim, learn.ni, learn.n_out) == (2, 3, 3)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    preds, targs = learn.get_preds()
+    assert preds.shape == (len(dls.valid_ds), 3, 32, 32) and targs.shape == (len(dls.valid_ds), 32, 32)
+
+
+def test_pretrained_encoder_freeze_fine_tune(tmp_path):
+    "Weights of a 2D b0 inflate into the 3D encoder; the learner starts frozen and `fine_tune` trains every group"
+    torch.manual_seed(0)
+    f = tmp_path / "b0.pth"
+    buf = io.BytesIO()
+    torch.save(efficientnet_b0(ndim=2, num_classes=1000).state_dict(), buf)
+    f.write_bytes(buf.getvalue())
+    dls = synthetic_seg_dls(8, size=16, bs=2)
+    learn = efficientnet_unet_learner(dls, "b0", pretrained=f)
+    ref = efficientnet_b0(pretrained=f, ni=1, ndim=3, num_classes=1000)
+    assert torch.equal(learn.model.encoder.stage3[0].depthwise[0].weight, ref.stage3[0].depthwise[0].weight)
+    assert not learn.model.encoder.stage2[0].expand[0].weight.requires_grad  # frozen
+    before = learn.model.encoder.stage2[0].expand[0].weight.detach().clone()
+    with learn.no_bar(), learn.no_logging():
+        learn.fine_tune(1, 1e-3, freeze_epochs=1)
+    assert learn.model.encoder.stage2[0].expand[0].weight.requires_grad
+    assert not torch.equal(before, learn.model.encoder.stage2[0].expand[0].weight)
+
+
+def test_mixed_precision_export_and_checkpointing(tmp_path):
+    "bfloat16 autocast on the CPU, gradient checkpointing of the encoder, then export and load_learner"
+    dls = synthetic_seg_dls(8, size=16, bs=2)
+    learn = efficientnet_unet_learner(dls, "b0", grad_checkpointing=True, path=tmp_path).to_mixed_precision()
+    assert all(s.grad_checkpointing for s in learn.model.encoder.stages)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    assert np.isfinite(learn.recorder.values[-1][0])
+    learn.export(tmp_path / "seg.pkl")
+    loaded = load_learner(tmp_path / "seg.pkl")
+    xb = dls.one_batch()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(xb), learn.model.eval()(xb))
+
+
+def test_bad_arguments():
+    dls = synthetic_seg_dls(8, size=16, bs=2)
+    with pytest.raises(ValueError, match="`decoder_channels` needs one width per feature point"):
+        efficientnet_unet_learner(dls, "b0", decoder_channels=(8, 8))
+    with pytest.raises(ValueError, match="unknown EfficientNet architecture 'b9'"):
+        efficientnet_unet_learner(dls, "b9")
