@@ -32,3 +32,15 @@ def rel_diff(peer, ours, x):
     assert a.shape == b.shape and torch.isfinite(a).all()
     assert (a[0] - a[1]).abs().max() > 0.05 * a.abs().max()  # the logits depend on the input: the check means something
     return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def b0_checkpoint(path):
+    "A 2D b0 state dict (1000 classes, seeded) saved at `path`: pretrained weights to load and inflate without a download"
+    import io
+    from effnet_fastai.factories import efficientnet_b0
+
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(efficientnet_b0(ndim=2, num_classes=1000).state_dict(), buf)
+    path.write_bytes(buf.getvalue())
+    return path

@@ -19,6 +19,13 @@ def _run(*args, cwd):
     )
 
 
+def _tiny_folder_run(data, out, *args):
+    "The job on the files in `data`: 8 voxels a side, one epoch, batches of 2, writing to `out`"
+    return _run(
+        "--data", str(data), "--size", "8", "--epochs", "1", "--bs", "2", "--out", str(out), *args, cwd=data.parent
+    )
+
+
 @pytest.mark.slow
 def test_cli_synthetic(tmp_path):
     out = tmp_path / "run"
@@ -121,21 +128,7 @@ def test_cli_segment_folder(tmp_path):
         np.save(tmp_path / "data" / "images" / f"c{i}.npy", (m + rng.normal(0, 0.1, m.shape)).astype(np.float32))
         np.save(tmp_path / "data" / "labels" / f"c{i}.npy", m)
     out = tmp_path / "run"
-    r = _run(
-        "--task",
-        "segment",
-        "--data",
-        str(tmp_path / "data"),
-        "--size",
-        "8",
-        "--epochs",
-        "1",
-        "--bs",
-        "2",
-        "--out",
-        str(out),
-        cwd=tmp_path,
-    )
+    r = _tiny_folder_run(tmp_path / "data", out, "--task", "segment")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     import pandas as pd
 
@@ -148,19 +141,7 @@ def test_cli_folder_of_volumes(tmp_path):
         (tmp_path / "data" / c).mkdir(parents=True)
         for i in range(4):
             np.save(tmp_path / "data" / c / f"{i}.npy", np.random.rand(6 + i, 8, 8).astype(np.float32))
-    r = _run(
-        "--data",
-        str(tmp_path / "data"),
-        "--size",
-        "8",
-        "--epochs",
-        "1",
-        "--bs",
-        "2",
-        "--out",
-        str(tmp_path / "o"),
-        cwd=tmp_path,
-    )
+    r = _tiny_folder_run(tmp_path / "data", tmp_path / "o")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert (tmp_path / "o" / "report.png").exists() and (tmp_path / "o" / "model.pkl").exists()
 

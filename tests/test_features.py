@@ -2,13 +2,13 @@
 `EfficientNetBNFeatures` with the same weights, and the features through the paths users take (clips, inflated
 pretrained weights, gradient checkpointing, torch.fx, torch.compile, ONNX)."""
 
-import io, math, warnings
+import math, warnings
 import pytest, torch
 from effnet_fastai.factories import efficientnet, efficientnet_b0
 from effnet_fastai.model import EfficientNetFeatures
 from effnet_fastai.convert import convert_state_dict
 from effnet_fastai.video import VIDEO_KWARGS
-from helpers import randomize_
+from helpers import b0_checkpoint, randomize_
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 TOL = 1e-5
@@ -82,11 +82,7 @@ def test_video_reductions(shape):
 
 def test_inflated_pretrained_features(tmp_path):
     "A 2D checkpoint inflated into a 3D features_only model gives the full inflated model's intermediates"
-    torch.manual_seed(0)
-    f = tmp_path / "b0.pth"
-    buf = io.BytesIO()
-    torch.save(efficientnet_b0(ndim=2, num_classes=1000).state_dict(), buf)
-    f.write_bytes(buf.getvalue())
+    f = b0_checkpoint(tmp_path / "b0.pth")
     full = efficientnet_b0(pretrained=f, ndim=3, ni=1, num_classes=1000).eval()
     fe = efficientnet_b0(pretrained=f, ndim=3, ni=1, features_only=True, out_indices=(1, 2, 4)).eval()
     x = torch.randn(2, 1, 24, 24, 24)

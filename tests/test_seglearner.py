@@ -1,13 +1,14 @@
 """The segmentation learner (issue 12): 2D images through fastai's blocks, pretrained (inflated) encoder weights with
 `freeze`/`fine_tune`, mixed precision, export and load_learner, gradient checkpointing of the encoder."""
 
-import io, warnings
+import warnings
 import numpy as np, pytest, torch
 from PIL import Image
 from fastai.learner import load_learner
 from effnet_fastai.factories import efficientnet_b0
 from effnet_fastai.learner import efficientnet_unet_learner
 from effnet_fastai.segdata import seg_dls, synthetic_seg_dls
+from helpers import b0_checkpoint
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
@@ -42,11 +43,7 @@ def test_2d_images(png_pairs):
 
 def test_pretrained_encoder_freeze_fine_tune(tmp_path):
     "Weights of a 2D b0 inflate into the 3D encoder; the learner starts frozen and `fine_tune` trains every group"
-    torch.manual_seed(0)
-    f = tmp_path / "b0.pth"
-    buf = io.BytesIO()
-    torch.save(efficientnet_b0(ndim=2, num_classes=1000).state_dict(), buf)
-    f.write_bytes(buf.getvalue())
+    f = b0_checkpoint(tmp_path / "b0.pth")
     dls = synthetic_seg_dls(8, size=16, bs=2)
     learn = efficientnet_unet_learner(dls, "b0", pretrained=f)
     ref = efficientnet_b0(pretrained=f, ni=1, ndim=3, num_classes=1000)
