@@ -74,13 +74,15 @@ def test_cli_options(tmp_path):
     assert ps and max(ps) < 0.1 and min(ps) > 0  # the reference's schedule: rate x block index / number of blocks
 
 
-@pytest.mark.slow
-def test_cli_default_job_reaches_target(tmp_path):
-    "The README's main job, defaults unchanged: >= 95% validation accuracy on the synthetic volumes (issue 3)"
+def _default_job(tmp_path, *args):
+    "The job with its defaults (and `args`), as a user runs it (torch's threads): the result and the history table"
+    import pandas as pd
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
     env.pop("OMP_NUM_THREADS", None)
+    out = tmp_path / "run"
     r = subprocess.run(
-        [sys.executable, "-m", "effnet_fastai.train", "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "effnet_fastai.train", *args, "--out", str(out)],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -88,30 +90,21 @@ def test_cli_default_job_reaches_target(tmp_path):
         timeout=1800,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    import pandas as pd
+    return r, pd.read_csv(out / "history.csv")
 
-    hist = pd.read_csv(tmp_path / "run" / "history.csv")
+
+@pytest.mark.slow
+def test_cli_default_job_reaches_target(tmp_path):
+    "The README's main job, defaults unchanged: >= 95% validation accuracy on the synthetic volumes (issue 3)"
+    _, hist = _default_job(tmp_path)
     assert hist["accuracy"].iloc[-1] >= 0.95, hist.to_string()
 
 
 @pytest.mark.slow
 def test_cli_segment_job_reaches_target(tmp_path):
     "`--task segment`, defaults unchanged: mean foreground Dice >= 0.90 on the synthetic segmentation set (issue 12)"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
-    env.pop("OMP_NUM_THREADS", None)
+    r, hist = _default_job(tmp_path, "--task", "segment")
     out = tmp_path / "run"
-    r = subprocess.run(
-        [sys.executable, "-m", "effnet_fastai.train", "--task", "segment", "--out", str(out)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    import pandas as pd
-
-    hist = pd.read_csv(out / "history.csv")
     assert hist["foreground_dice"].iloc[-1] >= 0.90, hist.to_string()
     assert "validation foreground Dice" in r.stdout
     assert {"model.pkl", "report.png", "history.csv"} <= {o.name for o in out.iterdir()}
