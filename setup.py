@@ -22,7 +22,7 @@ def reqs(key): return shlex.split(cfg.get(key, ''))
 requirements = reqs('requirements')
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
-extras = {k: reqs(f'{k}_requirements') for k in ('dev', 'test', 'docs', 'nifti')}
+extras = {k: reqs(f'{k}_requirements') for k in ('dev', 'test', 'docs', 'nifti', 'mri')}
 extras = {k: v for k, v in extras.items() if v}
 
 setuptools.setup(

@@ -16,10 +16,12 @@ ORDER = [
     "video",
     "data",
     "segdata",
+    "patches",
     "learner",
     "checkpoint",
     "export",
     "train",
+    "mri",
 ]
 
 
