@@ -9,11 +9,12 @@ from fastai.torch_imports import *
 from fastai.torch_core import *
 from fastai.layers import ConvLayer, NormType, defaults
 from .layers import is_int
+from .fast import set_speed_paths, has_speed_paths, reference_layers, _FAST, _REFERENCE, _capturing, _no_hooks
 from .model import *
 from .factories import *
 
 # %% auto #0
-__all__ = ['UnetBlock', 'EfficientNetUnet', 'efficientnet_unet', 'unet_split']
+__all__ = ['UnetBlock', 'UpCatConvFn', 'up_cat_conv', 'FastUnetBlock', 'EfficientNetUnet', 'efficientnet_unet', 'unet_split']
 
 # %% ../nbs/07b_unet.ipynb #1a7761f4
 class UnetBlock(Module):
@@ -31,6 +32,56 @@ class UnetBlock(Module):
         if self.n_skip: x = torch.cat([x, skip], 1)
         return self.conv2(self.conv1(x))
 
+# %% ../nbs/07b_unet.ipynb #b7e0c1a2
+def _up_cat(u, skip, size, mode):
+    x = F.interpolate(u, size=size, mode=mode)
+    return x if skip is None else torch.cat([x, skip], 1)
+
+class UpCatConvFn(torch.autograd.Function):
+    "Convolution of `cat([interpolate(u), skip])` that saves `u` and `skip` for backward, not their concatenation"
+    @staticmethod
+    def forward(ctx, u, skip, weight, bias, size, mode, conv_args):
+        ctx.save_for_backward(u, skip, weight)
+        ctx.size, ctx.mode, ctx.conv_args, ctx.has_bias = size, mode, conv_args, bias is not None
+        return torch.ops.aten.convolution(_up_cat(u, skip, size, mode), weight, bias, *conv_args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, skip, w = ctx.saved_tensors
+        need, ui = ctx.needs_input_grad, u.detach().requires_grad_()
+        with torch.enable_grad(): up = F.interpolate(ui, size=ctx.size, mode=ctx.mode)
+        x = up.detach() if skip is None else torch.cat([up.detach(), skip], 1)
+        gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, w, [w.shape[0]] if ctx.has_bias else None, *ctx.conv_args,
+                                                         [need[0] or need[1], need[2], ctx.has_bias and need[3]])
+        gu = torch.autograd.grad(up, ui, gx[:, :u.shape[1]])[0] if need[0] else None
+        gs = gx[:, u.shape[1]:] if skip is not None and need[1] else None
+        return gu, gs, gw, gb, None, None, None
+
+def up_cat_conv(u:Tensor, skip:Tensor|None, size:tuple, mode:str, conv:nn.Module)->Tensor:
+    "`conv(torch.cat([F.interpolate(u, size, mode=mode), skip], 1))` (`skip=None`: no concatenation), saving `u` and `skip`"
+    args = (conv.stride, conv.padding, conv.dilation, False, (0,) * len(conv.stride), conv.groups)
+    return UpCatConvFn.apply(u, skip, conv.weight, conv.bias, tuple(size), mode, args)
+
+# %% ../nbs/07b_unet.ipynb #b7e0c1a6
+def _lean_stage_applies(blk, conv, x):
+    "Whether `FastUnetBlock` may run its first convolution through `up_cat_conv`"
+    return (torch.is_grad_enabled() and not _capturing() and not torch.is_autocast_enabled(x.device.type)
+            and type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and conv.padding_mode == 'zeros'
+            and not isinstance(conv.padding, str) and _no_hooks(blk.conv1, conv))
+
+class FastUnetBlock(UnetBlock):
+    "`UnetBlock` whose first convolution saves the skip and the low-resolution map for backward, not their concatenation"
+    def _init_fast(self): pass
+
+    def forward(self, x:Tensor, skip:Tensor)->Tensor:
+        conv, *rest = self.conv1
+        if not _lean_stage_applies(self, conv, x): return super().forward(x, skip)
+        y = up_cat_conv(self.up(x), skip if self.n_skip else None, skip.shape[2:], self.mode, conv)
+        for m in rest: y = m(y)
+        return self.conv2(y)
+
+_FAST[UnetBlock], _REFERENCE[FastUnetBlock] = FastUnetBlock, UnetBlock  # `set_speed_paths` and `reference_layers` know it
+
 # %% ../nbs/07b_unet.ipynb #16707ead
 class EfficientNetUnet(Module):
     "U-Net with an `EfficientNetFeatures` encoder: skips at its feature points, the output at the input's size"
@@ -46,6 +97,7 @@ class EfficientNetUnet(Module):
             blocks.append(UnetBlock(ni, n_skip, nf, ndim, act_cls=act_cls, norm_type=norm_type, mode=mode))
             ni = nf
         self.decoder = nn.ModuleList(blocks)
+        if has_speed_paths(encoder): set_speed_paths(self.decoder)  # the stages follow the encoder: `FastUnetBlock`
         self.head = getattr(nn, f'Conv{ndim}d')(ni, n_out, 1)
         self.ndim, self.ni, self.n_out = ndim, encoder.ni, n_out
 

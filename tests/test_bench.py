@@ -1,6 +1,6 @@
 "The benchmark script runs end to end and writes a report with every measure (one round: a smoke test, not a timing)"
 
-import json, os, subprocess, sys
+import json, math, os, subprocess, sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,3 +60,27 @@ def test_bench_report(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.read_text() == md
+
+
+@pytest.mark.slow
+def test_unet_bench_quick(tmp_path):
+    "bench/unet_bench.py --quick: both U-Nets measured (or MONAI's failure recorded), finite ratios; no timing asserted"
+    out = tmp_path / "UNET.json"
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "unet_bench.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert res and all(set(v["params"]) == {"ours", "monai"} for v in res.values())
+    assert all(v["params"][k]["total"] > 0 for v in res.values() for k in ("ours", "monai"))
+    assert all(v["speed_paths"]["ours"] for v in res.values())
+    compared = [v for v in res.values() if "monai" not in v["errors"]]
+    assert compared, "MONAI ran on none of the quick sizes"
+    for v in compared:
+        assert set(v["saved_bytes"]) == {"ours", "monai"}
+        assert all(math.isfinite(x) and x > 0 for x in (v["train_ratio"]["median"], v["saved_ratio"]))
+    assert "## Results" in (tmp_path / "UNET.md").read_text()
