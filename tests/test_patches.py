@@ -9,9 +9,9 @@ from torch import nn
 from hypothesis import given, settings, strategies as st
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
-from fastai.data.all import DataBlock, ItemGetter, IndexSplitter
-from effnet_fastai.data import VolumeBlock
-from effnet_fastai.segdata import MaskBlock3D, synthetic_seg_dls
+from fastai.data.all import DataBlock, IndexSplitter, TransformBlock
+from effnet_fastai.data import TensorMask3D, TensorVolume
+from effnet_fastai.segdata import synthetic_seg_dls
 from effnet_fastai.learner import efficientnet_unet_learner
 from effnet_fastai.patches import RandCrop3D, predict_volume, tile_starts, tile_weights
 from effnet_fastai.unet import efficientnet_unet
@@ -149,6 +149,7 @@ def test_learner_predict_volume():
     learn = efficientnet_unet_learner(dls, "b0")
     vol = torch.randn(1, 40, 30, 50) * 3 + 5
     labels, probs = learn.predict_volume(vol, overlap=0.25, progress=False)
+    assert learn.model.training  # left as it was
     assert labels.shape == (40, 30, 50) and probs.shape == (dls.c, 40, 30, 50)
     torch.testing.assert_close(probs.sum(0), torch.ones(40, 30, 50))
     assert torch.equal(labels, probs.argmax(0))
@@ -169,15 +170,14 @@ def test_learner_predict_volume():
 def test_randcrop_in_a_datablock():
     "RandCrop3D in a DataBlock: volume and mask cut at the same random place in training, at the centre in validation"
     vols = [torch.arange(30 * 28 * 26.0).view(1, 30, 28, 26) + 1000 * i for i in range(6)]
-    items = [(v, v[0].long()) for v in vols]
     db = DataBlock(
-        blocks=(VolumeBlock(norm=False), MaskBlock3D()),
-        get_x=ItemGetter(0),
-        get_y=ItemGetter(1),
+        blocks=(TransformBlock, TransformBlock),
+        get_x=lambda i: TensorVolume(vols[i]),
+        get_y=lambda i: TensorMask3D(vols[i][0].long()),
         splitter=IndexSplitter([4, 5]),
         item_tfms=RandCrop3D((16, 12, 20)),
     )
-    dls = db.dataloaders(items, bs=2)
+    dls = db.dataloaders(range(6), bs=2)
     x, y = dls.one_batch()
     assert x.shape == (2, 1, 16, 12, 20) and y.shape == (2, 16, 12, 20)
     assert torch.equal(x[:, 0].long(), y)
