@@ -8,7 +8,7 @@ import importlib.util
 from fastai.imports import *
 from fastai.torch_imports import *
 from fastai.torch_core import *
-from .data import TensorVolume, TensorMask3D, montage
+from .data import TensorVolume, TensorMask3D
 
 # %% auto #0
 __all__ = ['MNI152_CODES', 'mni152_tissue', 'axial', 'dice']

@@ -9,7 +9,7 @@ from fastai.torch_imports import *
 from fastai.torch_core import *
 from fastai.layers import ConvLayer, NormType, defaults
 from .layers import is_int
-from .fast import set_speed_paths, has_speed_paths, reference_layers, _FAST, _REFERENCE, _capturing, _no_hooks
+from .fast import set_speed_paths, has_speed_paths, _FAST, _REFERENCE, _capturing, _no_hooks
 from .model import *
 from .factories import *
 
