@@ -159,17 +159,19 @@ def predict_volume(model_or_learner:nn.Module|Learner, volume:Tensor, patch_size
 
 # %% ../nbs/05c_patches.ipynb #9cfbad99
 class _TileTfms(nn.Module):
-    "`model` applied after the validation-time batch transforms `tfms` of a `DataLoader` (as a `TensorVolume`)"
-    def __init__(self, model, tfms):
+    "`model` applied after the validation-time batch transforms `tfms` of a `DataLoader`, to tiles typed as `cls`"
+    def __init__(self, model, tfms, cls=TensorVolume):
         super().__init__()
-        self.model, self.tfms, self.ndim, self.ni = model, tfms, getattr(model, 'ndim', None), getattr(model, 'ni', None)
-    def forward(self, x): return self.model(TensorBase(compose_tfms(TensorVolume(x), self.tfms.fs, split_idx=1)))  # validation: no augmentation
+        self.model, self.tfms, self.cls = model, tfms, cls
+        self.ndim, self.ni = getattr(model, 'ndim', None), getattr(model, 'ni', None)
+    def forward(self, x): return self.model(TensorBase(compose_tfms(self.cls(x), self.tfms.fs, split_idx=1)))  # validation: no augmentation
 
 @patch
 @delegates(predict_volume, but=['model_or_learner', 'volume', 'patch_size'])
 def predict_volume(self:Learner, volume:Tensor, patch_size:int|tuple|None=None, **kwargs)->tuple:
-    "`(labels, probabilities)` of `volume`, tiled by `patch_size` (default: the training batches' size) after the validation batch transforms"
-    ps = ifnone(patch_size, tuple(self.dls.one_batch()[0].shape[2:]))
-    model = _TileTfms(self.model, self.dls.valid.after_batch)
+    "`(labels, probabilities)` of `volume` (in the units of the data's items), tiled by `patch_size` (default: the batches' size)"
+    xb = self.dls.valid.one_batch()[0]
+    model = _TileTfms(self.model, self.dls.valid.after_batch, type(xb))  # the batch transforms dispatch on the input's type
+    ps = ifnone(patch_size, tuple(xb.shape[2:]))
     probs = getattr(self.loss_func, 'activation', noop)(predict_volume(model, volume, ps, **kwargs)[None])[0]
     return probs.argmax(0), probs

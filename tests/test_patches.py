@@ -4,7 +4,7 @@ against MONAI's, memory bounded by the tile batch, test-time augmentation, `Lear
 in a fastai pipeline."""
 
 import warnings
-import pytest, torch
+import numpy as np, pytest, torch
 from torch import nn
 from hypothesis import given, settings, strategies as st
 from monai.data.utils import compute_importance_map, dense_patch_slices
@@ -202,3 +202,33 @@ def test_errors():
         predict_volume(u, torch.randn(2, 40, 40, 40), 32, progress=False)
     with pytest.raises(TypeError, match="`volume` must be a floating-point tensor"):
         predict_volume(u, v.numpy(), 32)
+
+
+def test_learner_predict_volume_2d(tmp_path):
+    "2D images: the tiles go through fastai's IntToFloatTensor (and Normalize, when there is one), as the images did"
+    from PIL import Image
+    from fastai.data.transforms import Normalize
+    from effnet_fastai.segdata import seg_dls
+
+    rng = np.random.default_rng(0)
+    for d in ("images", "labels"):
+        (tmp_path / d).mkdir()
+    for i in range(6):
+        m = np.zeros((32, 32), np.uint8)
+        m[4:14, 4 + i : 14 + i] = 1
+        Image.fromarray((m[..., None] * 90 + rng.integers(0, 40, (32, 32, 3))).astype(np.uint8)).save(
+            tmp_path / "images" / f"{i}.png"
+        )
+        Image.fromarray(m).save(tmp_path / "labels" / f"{i}.png")
+    dls = seg_dls(tmp_path, kind="image", bs=2)
+    learn = efficientnet_unet_learner(dls, "b0")
+    img = torch.from_numpy(np.asarray(Image.open(tmp_path / "images" / "0.png"))).permute(2, 0, 1).float()  # 0..255
+    labels, probs = learn.predict_volume(img, progress=False)  # one tile: the image is the patch
+    assert labels.shape == (32, 32) and probs.shape == (2, 32, 32)
+    x = img[None] / 255
+    norms = [f for f in dls.valid.after_batch.fs if isinstance(f, Normalize)]
+    for f in norms:
+        x = (x - f.mean.cpu()) / f.std.cpu()
+    with torch.no_grad():
+        ref = learn.model.eval()(x).softmax(1)[0]
+    assert rel(probs, ref) < 1e-5
