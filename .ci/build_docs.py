@@ -62,7 +62,7 @@ def process_nb(path, dst, page, run_slow=False):
     nb = read_nb(path)
     proc = NBProcessor(nb=nb, procs=[P.populate_language, add_show_docs])  # strips nbdev's directive comments
     proc.process()
-    flags = set() if run_slow else set(cfg.get('tst_flags', '').split('|')) - {''}
+    flags = set() if run_slow else set(re.split(r'[|\s]+', cfg.get('tst_flags', ''))) - {''}
     os.chdir(path.parent)
     sh = CaptureShell(path=path.parent)
     sh.run_cell('import warnings; warnings.filterwarnings("ignore", category=FutureWarning, module="torch")\n'
