@@ -8,7 +8,7 @@ import importlib.util
 from fastai.imports import *
 from fastai.torch_imports import *
 from fastai.torch_core import *
-from .data import TensorVolume, TensorMask3D
+from .data import TensorVolume, TensorMask3D, _read_nifti
 
 # %% auto #0
 __all__ = ['MNI152_CODES', 'mni152_tissue', 'axial', 'dice']
@@ -24,9 +24,8 @@ def _nilearn_data()->Path:
 def mni152_tissue(spacing:int=2)->tuple:
     "`(t1, labels)`: the MNI152 T1 template `(1, X, Y, Z)` standardised, and its background/grey/white-matter labels"
     if not (isinstance(spacing, int) and spacing >= 1): raise ValueError(f"`spacing` must be an int >= 1 (mm), got {spacing!r}")
-    import nibabel as nib
     def load(k):
-        a = np.asarray(nib.load(_nilearn_data()/f'mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz').dataobj, dtype=np.float32) / 255
+        a = _read_nifti(_nilearn_data()/f'mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz').astype(np.float32) / 255
         return F.avg_pool3d(torch.from_numpy(a)[None, None], spacing, ceil_mode=True)[0, 0]
     t1, gm, wm = load('t1'), load('gm'), load('wm')
     labels = torch.stack([(1 - gm - wm).clamp(min=0), gm, wm]).argmax(0)
