@@ -15,7 +15,7 @@ from .layers import is_int
 from .data import TensorVolume, TensorMask3D, _size3
 
 # %% auto #0
-__all__ = ['RandCrop3D', 'tile_starts', 'patch_dls', 'tile_weights', 'predict_volume']
+__all__ = ['RandCrop3D', 'tile_starts', 'tile_slices', 'patch_dls', 'tile_weights', 'predict_volume']
 
 # %% ../nbs/05c_patches.ipynb #a2b64880
 class RandCrop3D(RandTransform):
@@ -44,12 +44,15 @@ def tile_starts(size:int, patch:int, overlap:float=0.5)->list:
     step = max(int(patch * (1 - overlap)), 1)
     return [min(i * step, size - patch) for i in range(math.ceil((size - patch) / step) + 1)]
 
+def tile_slices(size:tuple, patch_size:tuple, overlap:float=0.5)->list:
+    "The tiles of a volume of spatial `size`, as tuples of slices: every combination of `tile_starts` along the axes"
+    return [tuple(slice(a, a + p) for a, p in zip(st, patch_size))
+            for st in itertools.product(*[tile_starts(s, p, overlap) for s, p in zip(size, patch_size)])]
+
 # %% ../nbs/05c_patches.ipynb #108031c5
 def _tiles_of(t, ps, overlap):
     "The tiles of `t` (`(C, *spatial)` or `(*spatial)`) that `predict_volume` would cut, as a list"
-    sp = t.shape[-len(ps):]
-    return [t[(..., *[slice(a, a + p) for a, p in zip(st, ps)])]
-            for st in itertools.product(*[tile_starts(s, p, overlap) for s, p in zip(sp, ps)])]
+    return [t[(..., *sl)] for sl in tile_slices(t.shape[-len(ps):], ps, overlap)]
 
 @delegates(Datasets.dataloaders)
 def patch_dls(train:tuple, # `(volume, mask)`: a `(C, D, H, W)` volume and its `(D, H, W)` labels to crop training patches from
@@ -138,8 +141,8 @@ def predict_volume(model_or_learner:nn.Module|Learner, volume:Tensor, patch_size
     size = x.shape[2:]
     pads = [max(p - s, 0) for s, p in zip(size, ps)]
     x = F.pad(x, [q for d in reversed(pads) for q in (d // 2, d - d // 2)], value=pad_value)
-    starts = list(itertools.product(*[tile_starts(s, p, overlap) for s, p in zip(x.shape[2:], ps)]))
-    tiles = [(n, tuple(slice(a, a + p) for a, p in zip(st, ps))) for n in range(x.shape[0]) for st in starts]
+    slices = tile_slices(x.shape[2:], ps, overlap)
+    tiles = [(n, sl) for n in range(x.shape[0]) for sl in slices]
     mdev = next(model.parameters(), x).device
     was_training, out = model.training, None
     model.eval()
@@ -152,8 +155,8 @@ def predict_volume(model_or_learner:nn.Module|Learner, volume:Tensor, patch_size
             if out is None: out = torch.zeros(x.shape[0], y.shape[1], *x.shape[2:], device=device)
             for (n, sl), t in zip(chunk, y): out[n][(slice(None), *sl)] += t
     finally: model.train(was_training)
-    count = torch.zeros(x.shape[2:], device=device)
-    for st in starts: count[tuple(slice(a, a + p) for a, p in zip(st, ps))] += weights.to(device)
+    count, weights = torch.zeros(x.shape[2:], device=device), weights.to(device)
+    for sl in slices: count[sl] += weights
     out = (out / count)[(slice(None), slice(None), *[slice(d // 2, d // 2 + s) for d, s in zip(pads, size)])]
     return out[0] if single else out
 
