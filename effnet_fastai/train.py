@@ -12,6 +12,7 @@ from fastai.interpret import ClassificationInterpretation
 from .data import *
 from .segdata import *
 from .learner import *
+from .interpret import *
 from .weights import atomic_write
 from .checkpoint import *
 from fastcore.script import call_parse, store_true
@@ -19,8 +20,8 @@ try: from fastcore.script import is_cli
 except ImportError: is_cli = lambda f=None: False  # older fastcore: the console script exits with the learner's repr
 
 # %% auto #0
-__all__ = ['TASKS', 'job_dls', 'job_seg_dls', 'plot_report', 'plot_seg_report', 'fit_job', 'job_checkpoint', 'job_finished',
-           'main']
+__all__ = ['TASKS', 'job_dls', 'job_seg_dls', 'report_figure', 'plot_report', 'plot_seg_report', 'fit_job', 'job_checkpoint',
+           'job_finished', 'main']
 
 # %% ../nbs/06_train.ipynb #4a2c9df7
 def job_dls(data='shapes', ndim=3, size=24, bs=16, n_items=2400, seed=0, video=False, n_frames=8, valid_pct=0.2,
@@ -47,13 +48,16 @@ def job_seg_dls(data='shapes', ndim=3, size=32, bs=8, n_items=400, seed=0, valid
     return seg_dls(data, 'volume' if ndim == 3 else 'image', size=size, valid_pct=valid_pct, seed=seed, bs=bs, aug=aug)
 
 # %% ../nbs/06_train.ipynb #13c0e313
-def plot_report(learn, fn):
-    "Save the loss curves and the validation confusion matrix of `learn` to the PNG `fn`"
+def report_figure(learn, n:int=4):
+    "The loss curves, the validation confusion matrix and `n` validation items with their Grad-CAMs, as one figure"
     rec = learn.recorder
     losses, iters, vl = [float(l) for l in rec.losses], list(rec.iters), [v[1] for v in rec.values]
     interp = ClassificationInterpretation.from_learner(learn)  # (its `get_preds` resets the recorder)
     cm, vocab = interp.confusion_matrix(), list(learn.dls.vocab)
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4.5))
+    n = min(n, len(learn.dls.valid_ds))
+    fig = plt.figure(figsize=(11, 8))
+    gs = fig.add_gridspec(2, 2 * n, height_ratios=[4.5, 3])
+    a0, a1 = fig.add_subplot(gs[0, :n]), fig.add_subplot(gs[0, n:])
     a0.plot(range(len(losses)), losses, label='train')
     a0.plot(iters, vl, 'o-', label='valid')
     a0.set_xlabel('batch'); a0.set_ylabel('loss'); a0.set_title('Loss'); a0.legend()
@@ -62,7 +66,14 @@ def plot_report(learn, fn):
     for i, j in itertools.product(range(len(vocab)), range(len(vocab))):
         a1.text(j, i, int(cm[i, j]), ha='center', va='center', color='white' if cm[i, j] > cm.max()/2 else 'black')
     a1.set_xlabel('predicted'); a1.set_ylabel('actual'); a1.set_title('Confusion matrix (validation)')
-    fig.tight_layout(); fig.savefig(fn, dpi=80); plt.close(fig)
+    learn.show_cam(n, ctxs=[fig.add_subplot(gs[1, 2*i:2*i + 2]) for i in range(n)])  # label / prediction, Grad-CAM of the prediction
+    fig.tight_layout()
+    return fig, cm
+
+def plot_report(learn, fn, n:int=4):
+    "Save the loss curves, the validation confusion matrix and `n` validation items with their Grad-CAMs to the PNG `fn`"
+    fig, cm = report_figure(learn, n)
+    fig.savefig(fn, dpi=80); plt.close(fig)
     return cm
 
 # %% ../nbs/06_train.ipynb #f1b65434

@@ -18,6 +18,7 @@ ORDER = [
     "segdata",
     "patches",
     "learner",
+    "interpret",
     "checkpoint",
     "export",
     "train",
