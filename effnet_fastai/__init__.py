@@ -18,8 +18,10 @@ from .unet import *
 from .video import *
 from .data import *
 from .segdata import *
+from .patches import *
 from .learner import *
+from .interpret import *
 from .checkpoint import *
 from .export import *
-from . import layers, blocks, fast, model, convert, weights, factories, unet, video, data, segdata, learner, checkpoint, export
-__all__ = [n for m in (layers, blocks, fast, model, convert, weights, factories, unet, video, data, segdata, learner, checkpoint, export) for n in m.__all__]
+from . import layers, blocks, fast, model, convert, weights, factories, unet, video, data, segdata, patches, learner, interpret, checkpoint, export
+__all__ = [n for m in (layers, blocks, fast, model, convert, weights, factories, unet, video, data, segdata, patches, learner, interpret, checkpoint, export) for n in m.__all__]

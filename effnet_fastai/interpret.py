@@ -9,7 +9,7 @@ from fastai.basics import *
 from fastai.interpret import Interpretation, plot_top_losses
 from fastai.vision.data import get_grid
 from .data import TensorVolume, Affine3D, montage
-from .learner import AdaptiveConcatPool, efficientnet_learner
+from .learner import AdaptiveConcatPool
 
 # %% auto #0
 __all__ = ['cam_layer', 'gradcam', 'show_cam', 'FlipTfm', 'data_flip_axes', 'plot_top_losses']
@@ -120,6 +120,7 @@ def _minmax(cam):
 def _run_cam(model, x, target, layer):
     "`(cam, logits)`: Grad-CAM of `target` at `layer` for the batch `x` at the layer's resolution, and the model's output"
     x = _check_x(x, model)
+    x = x.to(next(model.parameters(), x).device)  # (the model's device)
     name, mod = _find_layer(model, layer)
     acts = []
     h = mod.register_forward_hook(lambda m, i, o: acts.append(o))
@@ -139,7 +140,7 @@ def _run_cam(model, x, target, layer):
         if g is None: raise ValueError(f"the output does not depend on `layer` {name!r}")
         if a.shape[2:].numel() == 1:
             warnings.warn(f"the feature map at `layer` {name!r} is a single voxel for this input: the map is constant; "
-                          "pass an earlier `layer`, e.g. `cam_layer(model, x, min_size=4)`")
+                          "pass an earlier `layer`, e.g. `cam_layer(model, x, min_size=4)`", stacklevel=3)
     finally: h.remove(); model.train(training)
     dt = torch.promote_types(a.dtype, torch.float32)  # (half-precision maps are weighted in float32)
     return _grad_cam(a.detach().to(dt), g.to(dt)), logits.detach()
@@ -192,7 +193,7 @@ def _items(dl, n):
     return x, (torch.cat(ys)[:n] if ys[0] is not None else None)
 
 @patch
-def show_cam(self:Learner, n:int=9, ds_idx:int=1, dl=None, target:int|None=None,
+def show_cam(self:Learner, n:int=9, ds_idx:int=1, dl=None, target:int|None=None,  # noqa: F811 (the method beside the function)
              layer:str|None=None, # default: the last feature map at least `min_size` wide along each axis
              min_size:int=4, ctxs:list|None=None, nrows:int|None=None, ncols:int|None=None, figsize:tuple|None=None, **kwargs):
     "Grad-CAM of the first `n` validation items (or of `dl`'s) for their predicted class (or `target`), drawn over them with label and prediction"
@@ -224,7 +225,7 @@ def data_flip_axes(dls:DataLoaders)->tuple:
 
 def _flip_sets(axes): return [c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k)]
 
-_tta = Learner.tta  # fastai's, for other inputs
+if not hasattr(Learner, '_fastai_tta'): Learner._fastai_tta = Learner.tta  # fastai's, for other inputs (kept once: a re-import patches again)
 
 @patch
 def tta(self:Learner, ds_idx:int=1, dl=None, n:int=4, item_tfms=None, batch_tfms=None, beta:float|None=0.25, use_max:bool=False,
@@ -235,12 +236,12 @@ def tta(self:Learner, ds_idx:int=1, dl=None, n:int=4, item_tfms=None, batch_tfms
     xb = dl.one_batch()[0]
     if not isinstance(xb, TensorVolume):
         if flip_axes is not None: raise ValueError(f"`flip_axes` is for volumes and clips, got inputs of type {type(xb).__name__}")
-        return _tta(self, dl=dl, n=n, beta=beta, use_max=use_max)
+        return self._fastai_tta(dl=dl, n=n, beta=beta, use_max=use_max)
     nd = xb.ndim - 2
     axes = data_flip_axes(self.dls) if flip_axes is None else tuple(flip_axes)
     if not all(isinstance(a, int) and 0 <= a < nd for a in axes) or len(set(axes)) != len(axes):
         raise ValueError(f"`flip_axes` must be distinct spatial axes in 0..{nd-1}, got {flip_axes!r}")
-    if not axes: warnings.warn("the training batches are not flipped and no `flip_axes` were given: TTA is the plain prediction")
+    if not axes: warnings.warn("the training batches are not flipped and no `flip_axes` were given: TTA is the plain prediction", stacklevel=2)
     preds, targs = self.get_preds(dl=dl)
     if not axes: return preds, targs
     aug = []
@@ -254,7 +255,7 @@ def tta(self:Learner, ds_idx:int=1, dl=None, n:int=4, item_tfms=None, batch_tfms
 
 # %% ../nbs/05d_interpret.ipynb #8562e7b3
 @dispatch
-def plot_top_losses(x:TensorVolume, y:TensorCategory, samples, outs, raws, losses, nrows=None, ncols=None, figsize=None,
+def plot_top_losses(x:TensorVolume, y:TensorCategory, samples, outs, raws, losses, nrows=None, ncols=None, figsize=None,  # noqa: F811 (fastai's dispatch)
                     cams=None, n_slices:int=9, **kwargs):
     "Each volume or clip as its montage (with its CAM when `cams` are given), titled prediction/actual/loss/probability"
     axs = get_grid(len(samples), nrows=nrows, ncols=ncols, figsize=figsize, title='Prediction/Actual/Loss/Probability')
@@ -263,10 +264,10 @@ def plot_top_losses(x:TensorVolume, y:TensorCategory, samples, outs, raws, losse
         else: show_cam(s[0], cams[i], ctx=ax, n_slices=n_slices, **kwargs)
         ax.set_title(f'{o[0]}/{s[1]} / {l.item():.2f} / {r.max().item():.2f}')
 
-_plot_top_losses = Interpretation.plot_top_losses  # fastai's
+if not hasattr(Interpretation, '_fastai_plot_top_losses'): Interpretation._fastai_plot_top_losses = Interpretation.plot_top_losses  # fastai's
 
 @patch
-def plot_top_losses(self:Interpretation, k:int|MutableSequence, largest:bool=True,
+def plot_top_losses(self:Interpretation, k:int|MutableSequence, largest:bool=True,  # noqa: F811 (the method)
                     cam:bool=False, # draw each volume or clip with the Grad-CAM of its prediction
                     layer:str|None=None, # the Grad-CAM's layer (default: the last feature map at least 4 wide along each axis)
                     **kwargs):
@@ -276,4 +277,4 @@ def plot_top_losses(self:Interpretation, k:int|MutableSequence, largest:bool=Tru
         x = tuplify(self[idx][0])[0]
         if not isinstance(x, TensorVolume): raise ValueError(f"`cam=True` draws volumes and clips, got inputs of type {type(x).__name__}: use `learn.show_cam`")
         kwargs['cams'] = gradcam(self.learn, x, layer=ifnone(layer, cam_layer(self.learn.model, x, 4)))
-    return _plot_top_losses(self, k, largest, **kwargs)
+    return self._fastai_plot_top_losses(k, largest, **kwargs)
