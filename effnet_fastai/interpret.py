@@ -145,11 +145,15 @@ def _run_cam(model, x, target, layer):
     dt = torch.promote_types(a.dtype, torch.float32)  # (half-precision maps are weighted in float32)
     return _grad_cam(a.detach().to(dt), g.to(dt)), logits.detach()
 
+def _upsample(cam, x):
+    "Maps `(N, 1, ...)` brought to the spatial size of `x` by (bi/tri)linear interpolation, as `(N, *spatial)`"
+    return F.interpolate(cam, size=x.shape[2:], mode=('linear', 'bilinear', 'trilinear')[x.ndim - 3], align_corners=False)[:, 0]
+
 def gradcam(model_or_learner:nn.Module|Learner, x:Tensor, target:int|Tensor|None=None, layer:str|nn.Module|None=None, normalize:bool=True)->Tensor:
     "Grad-CAM `(N, *spatial)` of class `target` (default: the prediction) at `layer` (default: the last feature map) for the batch `x`, at its size"
     model = model_or_learner.model if isinstance(model_or_learner, Learner) else model_or_learner
     cam, _ = _run_cam(model, x, target, layer)
-    cam = F.interpolate(cam, size=x.shape[2:], mode=('linear', 'bilinear', 'trilinear')[x.ndim - 3], align_corners=False)[:, 0]
+    cam = _upsample(cam, x)
     return (_minmax(cam) if normalize else cam).to(x.device)
 
 # %% ../nbs/05d_interpret.ipynb #909d69cc
@@ -200,7 +204,7 @@ def show_cam(self:Learner, n:int=9, ds_idx:int=1, dl=None, target:int|None=None,
     dl = ifnone(dl, self.dls[ds_idx]).new(shuffle=False, drop_last=False)
     x, y = _items(dl, n)
     cam, logits = _run_cam(self.model, x, target, ifnone(layer, cam_layer(self.model, x, min_size)))
-    cam = F.interpolate(cam, size=x.shape[2:], mode=('linear', 'bilinear', 'trilinear')[x.ndim - 3], align_corners=False)[:, 0]
+    cam = _upsample(cam, x)
     pred = (logits.flatten(2).sum(2) if logits.ndim > 2 else logits).argmax(1).cpu()
     vocab = getattr(self.dls, 'vocab', None)
     name = (lambda i: str(vocab[int(i)])) if vocab is not None else (lambda i: str(int(i)))
