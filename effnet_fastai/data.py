@@ -274,6 +274,8 @@ def _sdf(shape, p, v, rng):
         return np.hypot(rho - big, p[..., 2]) - ratio*big
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
+_FILL = (0.06, 0.12)  # the default range of the fraction of the cube a shape fills
+
 def _occupancy(shape, size, rng, fill):
     "The occupancy `(size, size, size)` in [0, 1] of `shape` at a pose and volume drawn from `rng`, with an edge of about half a voxel"
     g = (np.arange(size) + 0.5) / size * 2 - 1
@@ -283,7 +285,7 @@ def _occupancy(shape, size, rng, fill):
     return 1 / (1 + np.exp(np.clip(d * size / 0.5, -50, 50)))
 
 def shape_volume(shape, size=24, rng=None,
-                 fill=(0.06, 0.12), # fraction of the cube the shape fills, drawn uniformly (the same for every shape)
+                 fill=_FILL, # fraction of the cube the shape fills, drawn uniformly (the same for every shape)
                  noise=(0.05, 0.2)): # standard deviation of the Gaussian noise relative to the contrast
     "A `(1, size, size, size)` float32 volume of `shape` at a random pose, volume, contrast and noise"
     rng = ifnone(rng, np.random.default_rng())
@@ -336,7 +338,7 @@ class ShapeVolumes(_Synthetic):
     def x(self, i): return TensorVolume(shape_volume(self.label(i), self.size, self.rng(i), **self.kwargs))
     def mask(self, i):
         "The shape's voxels `(size, size, size)` in item `i` (where its occupancy is above one half)"
-        return TensorMask3D(_occupancy(self.label(i), self.size, self.rng(i), self.kwargs.get('fill', (0.06, 0.12))) > 0.5).long()
+        return TensorMask3D(_occupancy(self.label(i), self.size, self.rng(i), self.kwargs.get('fill', _FILL)) > 0.5).long()
 
 class MovingShapes(_Synthetic):
     "Synthetic clips `(1, n_frames, size, size)` of a shape moving in one of `classes` (see `moving_shape_clip`)"
