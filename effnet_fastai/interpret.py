@@ -117,6 +117,10 @@ def _minmax(cam):
     sh = (-1,) + (1,) * (cam.ndim - 1)
     return (cam - lo.view(sh)) / (hi - lo).clamp_min(1e-12).view(sh)
 
+def _class_scores(logits):
+    "`(N, n_classes)` scores: a classifier's logits, or a segmentation model's logits summed over the voxels"
+    return logits.flatten(2).sum(2) if logits.ndim > 2 else logits
+
 def _run_cam(model, x, target, layer):
     "`(cam, logits)`: Grad-CAM of `target` at `layer` for the batch `x` at the layer's resolution, and the model's output"
     x = _check_x(x, model)
@@ -134,7 +138,7 @@ def _run_cam(model, x, target, layer):
             if not isinstance(a, Tensor) or a.ndim != x.ndim:
                 raise ValueError(f"`layer` {name!r} returns {type(a).__name__} {tuple(getattr(a, 'shape', ()))}, not a feature map "
                                  f"(N, C, {', '.join('DHW'[5-x.ndim:])}): choose a layer with a spatial output")
-            scores = logits.flatten(2).sum(2) if logits.ndim > 2 else logits  # a segmentation model: a class's logits summed over the voxels
+            scores = _class_scores(logits)
             t = _targets(target, scores.detach())
             g, = torch.autograd.grad(scores.gather(1, t[:, None]).sum(), a, allow_unused=True)
         if g is None: raise ValueError(f"the output does not depend on `layer` {name!r}")
@@ -205,7 +209,7 @@ def show_cam(self:Learner, n:int=9, ds_idx:int=1, dl=None, target:int|None=None,
     x, y = _items(dl, n)
     cam, logits = _run_cam(self.model, x, target, ifnone(layer, cam_layer(self.model, x, min_size)))
     cam = _upsample(cam, x)
-    pred = (logits.flatten(2).sum(2) if logits.ndim > 2 else logits).argmax(1).cpu()
+    pred = _class_scores(logits).argmax(1).cpu()
     vocab = getattr(self.dls, 'vocab', None)
     name = (lambda i: str(vocab[int(i)])) if vocab is not None else (lambda i: str(int(i)))
     ctxs = ifnone(ctxs, get_grid(len(x), nrows=nrows, ncols=ncols, figsize=figsize))
