@@ -14,7 +14,27 @@ from .model import *
 from .factories import *
 
 # %% auto #0
-__all__ = ['UnetBlock', 'UpCatConvFn', 'up_cat_conv', 'FastUnetBlock', 'EfficientNetUnet', 'efficientnet_unet', 'unet_split']
+__all__ = ['DepthPadConv3d', 'UnetBlock', 'UpCatConvFn', 'up_cat_conv', 'FastUnetBlock', 'EfficientNetUnet', 'efficientnet_unet',
+           'unet_split']
+
+# %% ../nbs/07b_unet.ipynb #f640ca2b
+def _bf16_cpu(x:Tensor)->bool:
+    "Whether a convolution of `x` runs in bfloat16 on the CPU (a bfloat16 tensor, or under bfloat16 CPU autocast)"
+    return x.device.type == 'cpu' and (x.dtype == torch.bfloat16 or
+        (torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16))
+
+class DepthPadConv3d(nn.Conv3d):
+    "`nn.Conv3d` that zero-pads the depth axis itself in bfloat16 on the CPU, where oneDNN's weight gradient is wrong for small depths"
+    def _conv_forward(self, x:Tensor, weight:Tensor, bias:Tensor|None)->Tensor:
+        p = self.padding[0]
+        if not (p and _bf16_cpu(x)): return super()._conv_forward(x, weight, bias)
+        return F.conv3d(F.pad(x, (0, 0, 0, 0, p, p)), weight, bias, self.stride, (0, *self.padding[1:]), self.dilation, self.groups)
+
+def _conv_layer(ni:int, nf:int, ndim:int, **kwargs)->ConvLayer:
+    "fastai's 3x3 `ConvLayer`, its 3D convolution a `DepthPadConv3d`"
+    layer = ConvLayer(ni, nf, ndim=ndim, **kwargs)
+    if ndim == 3: layer[0].__class__ = DepthPadConv3d  # same parameters and initialisation, no new state
+    return layer
 
 # %% ../nbs/07b_unet.ipynb #1a7761f4
 class UnetBlock(Module):
@@ -22,8 +42,8 @@ class UnetBlock(Module):
     def __init__(self, ni:int, n_skip:int, nf:int, ndim:int=3, act_cls:type=defaults.activation,
                  norm_type:NormType|None=NormType.Batch, mode:str='nearest'):
         self.up = getattr(nn, f'Conv{ndim}d')(ni, ni // 2, 1)
-        self.conv1 = ConvLayer(ni // 2 + n_skip, nf, ndim=ndim, act_cls=act_cls, norm_type=norm_type)
-        self.conv2 = ConvLayer(nf, nf, ndim=ndim, act_cls=act_cls, norm_type=norm_type)
+        self.conv1 = _conv_layer(ni // 2 + n_skip, nf, ndim, act_cls=act_cls, norm_type=norm_type)
+        self.conv2 = _conv_layer(nf, nf, ndim, act_cls=act_cls, norm_type=norm_type)
         self.n_skip, self.mode = n_skip, mode
 
     def forward(self, x:Tensor, skip:Tensor)->Tensor:
@@ -66,7 +86,8 @@ def up_cat_conv(u:Tensor, skip:Tensor|None, size:tuple, mode:str, conv:nn.Module
 def _lean_stage_applies(blk, conv, x):
     "Whether `FastUnetBlock` may run its first convolution through `up_cat_conv`"
     return (torch.is_grad_enabled() and not _capturing() and not torch.is_autocast_enabled(x.device.type)
-            and type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and conv.padding_mode == 'zeros'
+            and x.dtype in (torch.float32, torch.float64)  # bfloat16: `DepthPadConv3d` steps around a oneDNN bug
+            and type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, DepthPadConv3d) and conv.padding_mode == 'zeros'
             and not isinstance(conv.padding, str) and _no_hooks(blk.conv1, conv))
 
 class FastUnetBlock(UnetBlock):

@@ -1,14 +1,16 @@
 """The segmentation learner (issue 12): 2D images through fastai's blocks, pretrained (inflated) encoder weights with
 `freeze`/`fine_tune`, mixed precision, export and load_learner, gradient checkpointing of the encoder."""
 
-import warnings
+import copy, warnings
 import numpy as np, pytest, torch
+import torch.nn.functional as F
 from PIL import Image
 from fastai.learner import load_learner
 from fastai.torch_core import set_seed
 from effnet_fastai.factories import efficientnet_b0
 from effnet_fastai.learner import efficientnet_unet_learner
 from effnet_fastai.segdata import seg_dls, synthetic_seg_dls
+from effnet_fastai.unet import efficientnet_unet
 from helpers import b0_checkpoint
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
@@ -59,16 +61,17 @@ def test_pretrained_encoder_freeze_fine_tune(tmp_path):
 
 def test_mixed_precision_export_and_checkpointing(tmp_path):
     "bfloat16 autocast on the CPU, gradient checkpointing of the encoder, then export and load_learner"
-    # On the reference layers: with the speed paths, bf16 autocast and checkpointing together the loss is sometimes
-    # NaN (seeds 1 and 4 of 0-5, and now and then with the same seed: an open bug; any two of the three are finite).
-    set_seed(0)
-    dls = synthetic_seg_dls(8, size=16, bs=2)
-    learn = efficientnet_unet_learner(dls, "b0", grad_checkpointing=True, speed_paths=False, path=tmp_path)
-    learn.to_mixed_precision()
-    assert all(s.grad_checkpointing for s in learn.model.encoder.stages)
-    with learn.no_bar(), learn.no_logging():
-        learn.fit(1, 1e-3)
-    assert np.isfinite(learn.recorder.values[-1][0])
+    # Seeds 1 and 4 drew a NaN loss before the decoder stepped around oneDNN's bfloat16 weight-gradient bug
+    # (`DepthPadConv3d`); the loss must be finite for all three.
+    for seed in (0, 1, 4):
+        set_seed(seed)
+        dls = synthetic_seg_dls(8, size=16, bs=2)
+        learn = efficientnet_unet_learner(dls, "b0", grad_checkpointing=True, path=tmp_path)
+        learn.to_mixed_precision()
+        assert all(s.grad_checkpointing for s in learn.model.encoder.stages)
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(1, 1e-3)
+        assert np.isfinite(learn.recorder.values[-1][:2]).all(), seed
     learn.export(tmp_path / "seg.pkl")
     loaded = load_learner(tmp_path / "seg.pkl")
     xb = dls.one_batch()[0]
@@ -82,3 +85,25 @@ def test_bad_arguments():
         efficientnet_unet_learner(dls, "b0", decoder_channels=(8, 8))
     with pytest.raises(ValueError, match="unknown EfficientNet architecture 'b9'"):
         efficientnet_unet_learner(dls, "b9")
+
+
+@pytest.mark.parametrize("speed_paths", [True, False], ids=["speed", "reference"])
+def test_bf16_decoder_gradients(speed_paths):
+    "Under bfloat16 autocast every decoder gradient is within bfloat16's error of float64's, on maps of depth 2 too"
+    # 16^3 volumes: the decoder's second stage works on 2^3 maps, where oneDNN's bfloat16 weight gradient is wrong
+    # unless the depth is padded explicitly (`DepthPadConv3d`): measured here, the worst decoder gradient is 0.11 off
+    # with it and 0.66-0.96 off without (in training mode up to 1e36, or nan). Evaluation mode: BatchNorm over two
+    # values per channel (the 1^3 maps of a batch of two) makes training-mode gradients too ill-conditioned to compare.
+    torch.manual_seed(0)
+    u = efficientnet_unet("b0", n_out=3, speed_paths=speed_paths).eval()
+    x, t = torch.randn(2, 1, 16, 16, 16), torch.randint(0, 3, (2, 16, 16, 16))
+    ref = copy.deepcopy(u).double()
+    F.cross_entropy(ref(x.double()), t).backward()
+    for _ in range(3):  # the bug reads memory it never wrote: one call may pass by chance
+        u.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.cross_entropy(u(x).float(), t)
+        loss.backward()
+        for (n, p), q in zip(u.decoder.named_parameters(), ref.decoder.parameters()):
+            err = ((p.grad.double() - q.grad).norm() / q.grad.norm()).item()
+            assert err < 0.3, (n, err)
