@@ -114,11 +114,12 @@ def process_nb(path, dst, page, run_slow=False):
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     write_nb(nb, dst)
 
-def _process_one(path, dst, page, run_slow):
-    "Process `path` in a fresh interpreter (each notebook runs in a clean state, as in Jupyter)"
+def _process_one(path, dst, page, run_slow, threads=None):
+    "Process `path` in a fresh interpreter (each notebook runs in a clean state, as in Jupyter), `threads` for torch"
     t = time.time()
     cmd = [sys.executable, __file__, '--one', str(path), '--dst', str(dst), '--page', page] + (['--slow'] if run_slow else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, **({'OMP_NUM_THREADS': str(threads)} if threads and 'OMP_NUM_THREADS' not in os.environ else {}))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode: raise RuntimeError(f'docs build failed on {path}:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}')
     return time.time() - t
 
@@ -137,8 +138,11 @@ def build(nbs='nbs', out='_docs', run_slow=False, jobs=2, config=ROOT / 'mkdocs.
     pages = [page_name(f, nbs) for f in fs]
     t0 = time.time()
     if src.exists(): shutil.rmtree(src)
+    # Notebooks run `jobs` at a time, each with its share of the cores as torch threads (OMP_NUM_THREADS, unless set):
+    # more threads than cores make torch's threads wait for each other.
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     with ThreadPoolExecutor(jobs) as ex:
-        dts = list(ex.map(lambda f, p: _process_one(f, src / Path(p).with_suffix('.ipynb'), p, run_slow), fs, pages))
+        dts = list(ex.map(lambda f, p: _process_one(f, src / Path(p).with_suffix('.ipynb'), p, run_slow, threads), fs, pages))
     for f, p, dt in zip(fs, pages, dts): print(f'  {f.name:28s} -> {p:18s} {dt:6.1f}s')
     t1 = time.time()
     nav = [str(Path(p).with_suffix('.ipynb')) for p in pages]
