@@ -85,8 +85,8 @@ def to_tuple(x:int|tuple, ndim:int, name:str='ks')->tuple:
 # %% ../nbs/00_layers.ipynb #42573b57
 def same_padding(sz:int, ks:int, stride:int=1, dilation:int=1)->tuple:
     "TensorFlow 'SAME' padding `(before, after)` of one axis of size `sz`"
-    out = -(-sz // stride)
-    total = max((out - 1) * stride + (ks - 1) * dilation + 1 - sz, 0)
+    total = (ks - 1) * dilation - (sz - 1) % stride
+    if (ks - 1) * dilation < stride - 1: total = max(total, 0)  # a kernel narrower than its stride may need none
     return total // 2, total - total // 2
 
 # %% ../nbs/00_layers.ipynb #cf3c3824
