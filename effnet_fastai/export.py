@@ -7,7 +7,8 @@ from __future__ import annotations
 from fastai.imports import *
 from fastai.torch_imports import *
 from fastai.torch_core import *
-import copy
+import copy, warnings
+import torch.fx.experimental._config as fx_config
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from .layers import *
 from .fast import *
@@ -52,33 +53,55 @@ def fuse(m:nn.Module, # an eval-mode model, e.g. an `EfficientNet`
     return m
 
 # %% ../nbs/09_export.ipynb #ec71543a
-def export_program(m:nn.Module, # the model (put in eval mode for the export, then restored)
-                   x:Tensor, # an example input: its spatial size is fixed in the program
-                   dynamic_batch:bool=True): # let the batch size vary
-    "`torch.export.export` of `m` in eval mode on its reference layers, batch axis dynamic"
+_MAX_SIZE = 1 << 16  # the largest batch or axis an exported graph takes
+
+def _dynamic_shapes(x:Tensor, dynamic:bool|Iterable, dynamic_batch:bool=True):
+    "`torch.export`'s `dynamic_shapes` for example `x`: every axis dynamic (`True`), none (`False`), or the axes given"
+    if isinstance(dynamic, bool): axes = (0, *range(2, x.ndim)) if dynamic else ()
+    else: axes = tuple(dynamic) if isinstance(dynamic, Iterable) and not isinstance(dynamic, str) else (None,)
+    if not all(is_int(a) and 0 <= a < x.ndim and a != 1 for a in axes):
+        raise ValueError(f"`dynamic` must be True, False or axis numbers of the input (0 and 2-{x.ndim - 1}, not the channels), got {dynamic!r}")
+    axes = [a for a in axes if a or dynamic_batch]
+    if not axes: return None
+    names = ['batch', 'channels', *'dhw'[max(5 - x.ndim, 0):]]
+    return ({a: torch.export.Dim(names[a] if a < len(names) else f'axis{a}', min=1, max=_MAX_SIZE) for a in axes},)
+
+def _export(m, x, dyn, f):
+    "Run exporter `f(dynamic_shapes)` on `m` in eval mode on its reference layers, sizes of one treated like any other"
     was = m.training
     try:
         m.eval()
-        dyn = ({0: torch.export.Dim('batch', min=1, max=4096)},) if dynamic_batch else None
-        with reference_layers(m): return torch.export.export(m, (x,), dynamic_shapes=dyn)
+        with reference_layers(m), fx_config.patch(backed_size_oblivious=True):
+            try: return f(dyn)
+            except torch._dynamo.exc.UserError:
+                if dyn is None or set(dyn[0]) <= {0}: raise
+                warnings.warn(f"export: the spatial axes are fixed at {tuple(x.shape[2:])}: the example is too small for a program "
+                              "of any size (a strided layer's output is a single voxel); give an example larger than the total stride along one axis", stacklevel=3)
+                return f(({0: dyn[0][0]},) if 0 in dyn[0] else None)
     finally: m.train(was)
+
+def export_program(m:nn.Module, # the model (put in eval mode for the export, then restored)
+                   x:Tensor, # an example input (any size: a batch of one and axes of size one included)
+                   dynamic_batch:bool=True, # let the batch size vary (False: fixed, whatever `dynamic` says)
+                   dynamic:bool|Iterable=True): # True: batch and every spatial axis vary; False: none; or the axes that do
+    "`torch.export.export` of `m` in eval mode on its reference layers, batch and spatial axes dynamic"
+    return _export(m, x, _dynamic_shapes(x, dynamic, dynamic_batch), lambda dyn: torch.export.export(m, (x,), dynamic_shapes=dyn))
 
 # %% ../nbs/09_export.ipynb #9dac77e0
 def export_onnx(m:nn.Module, # the model (put in eval mode for the export, then restored)
                 fname:str|Path, # the `.onnx` file to write
-                x:Tensor, # an example input: its spatial size is fixed in the graph
-                dynamic_batch:bool=True, # let the batch size vary
+                x:Tensor, # an example input (any size: a batch of one and axes of size one included)
+                dynamic_batch:bool=True, # let the batch size vary (False: fixed, whatever `dynamic` says)
                 opset:int=18, # ONNX opset version
+                dynamic:bool|Iterable=True, # True: batch and every spatial axis vary; False: none; or the axes that do
                 **kwargs): # passed to `torch.onnx.export`
-    "Export `m` in eval mode on its reference layers to ONNX file `fname` (via `torch.export`), batch axis dynamic; returns `fname`. Outputs: `output`, or `output0` ... for a list"
+    "Export `m` in eval mode on its reference layers to ONNX file `fname` (via `torch.export`), batch and spatial axes dynamic; returns `fname`. Outputs: `output`, or `output0` ... for a list"
+    dyn = _dynamic_shapes(x, dynamic, dynamic_batch)
     was = m.training
-    dyn = ({0: torch.export.Dim('batch', min=1, max=4096)},) if dynamic_batch else None
     try:
-        m.eval()
-        with torch.no_grad(): y = m(x)  # one output, or a list of them (a feature extractor's maps)
-        names = ['output'] if isinstance(y, Tensor) else [f'output{i}' for i in range(len(y))]
-        with reference_layers(m):
-            torch.onnx.export(m, (x,), str(fname), input_names=['input'], output_names=names, opset_version=opset,
-                              dynamic_shapes=dyn, dynamo=True, verbose=False, **kwargs)
+        with torch.no_grad(): y = m.eval()(x)  # one output, or a list of them (a feature extractor's maps)
     finally: m.train(was)
+    names = ['output'] if isinstance(y, Tensor) else [f'output{i}' for i in range(len(y))]
+    _export(m, x, dyn, lambda dyn: torch.onnx.export(m, (x,), str(fname), input_names=['input'], output_names=names,
+                                                     opset_version=opset, dynamic_shapes=dyn, dynamo=True, verbose=False, **kwargs))
     return fname

@@ -1,5 +1,6 @@
 """Deployment paths of the full b0 in 2D and 3D (small inputs): outputs equal to eager to 1e-4 for `torch.jit.trace`,
-`torch.export`, ONNX under onnxruntime with another batch size than exported, and the `fuse`d model."""
+`torch.export`, ONNX under onnxruntime with other batch and spatial sizes than exported (1e-5), the U-Net and a clip
+model exported once for any size, and the `fuse`d model."""
 
 import warnings
 import pytest, torch
@@ -8,10 +9,12 @@ from effnet_fastai.layers import *
 from effnet_fastai.model import *
 from effnet_fastai.factories import *
 from effnet_fastai.export import *
+from effnet_fastai.unet import efficientnet_unet
+from effnet_fastai.video import VIDEO_KWARGS
 
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
-SHAPES = {2: (37, 30), 3: (9, 20, 17)}  # odd sizes: strided convs pad asymmetrically on some axes
+SHAPES = {2: (37, 30), 3: (9, 20, 41)}  # odd sizes: strided convs pad asymmetrically on some axes; one axis > 32
 
 
 def calibrate(m, x):
@@ -73,6 +76,33 @@ def test_torch_export(case, program):
     assert not m.training
 
 
+@pytest.mark.parametrize("extra", [(0, 1), (7, -3), (-8, 11)])
+def test_torch_export_other_sizes(case, program, extra):
+    "The program exported once runs other spatial sizes (odd, even, smaller than the total stride on an axis)"
+    m, x, *_ = case
+    sz = [max(1, s + e) for s, e in zip(x.shape[2:], extra * 2)]
+    xs = torch.randn(3, 1, *sz, generator=torch.Generator().manual_seed(sum(sz)))
+    with torch.no_grad():
+        close(program.module()(xs), m(xs), 1e-5)
+
+
+def test_small_example(case):
+    "3D: an example no larger than the total stride on every axis gives a warning and fixed spatial axes; 2D: any size"
+    m, x, *_ = case
+    small = torch.randn(2, 1, *(16,) * (x.ndim - 2))
+    if x.ndim == 5:
+        with pytest.warns(UserWarning, match="spatial axes are fixed"):
+            ep = export_program(m, small)
+        sizes = [(4, 1, 16, 16, 16)]
+    else:
+        ep = export_program(m, small)
+        sizes = [(3, 1, 37, 30), (1, 1, 1, 1), (2, 1, 8, 64)]
+    for sz in sizes:
+        xs = torch.randn(*sz)
+        with torch.no_grad():
+            close(ep.module()(xs), m(xs), 1e-5)
+
+
 def test_onnx_runtime(case, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -82,6 +112,14 @@ def test_onnx_runtime(case, tmp_path):
     assert sess.get_inputs()[0].shape[0] == "batch"
     for inp, out in ((xb, yb), (xb[:1], yb[:1])):  # batch 5 and 1; exported with batch 2
         close(torch.from_numpy(sess.run(None, {"input": inp.numpy()})[0]), out)
+    for sz in (
+        (5, 3, 7)[: x.ndim - 2],
+        (1, 1, 1)[: x.ndim - 2],
+        (40, 8, 33)[: x.ndim - 2],
+    ):  # other sizes, one voxel too
+        xs = torch.randn(2, 1, *sz)
+        with torch.no_grad():
+            close(torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0]), m(xs), 1e-5)
 
 
 def test_fuse(case):
@@ -122,14 +160,39 @@ def test_fold_bn_transposed():
         close(fuse(layer)(x), layer(x), 1e-5)
 
 
-@pytest.mark.xfail(
-    reason="torch's TorchScript-based ONNX exporter (dynamo=False) pads asymmetric SAME convs wrongly; "
-    "export_onnx uses the dynamo exporter. If this starts to pass, torch fixed it: drop the test",
-    strict=True,
-)
 def test_legacy_onnx_exporter_asymmetric_padding(tmp_path):
+    "The TorchScript-based exporter used to pad asymmetric SAME convs wrongly (a `max` on the traced size became a"
+    "constant); with the padding as plain integer arithmetic it records it right"
     ort = pytest.importorskip("onnxruntime")
     c, x = Conv2dSame(2, 2, 3, stride=2).eval(), torch.randn(1, 2, 2, 3)
     torch.onnx.export(c, (x,), str(tmp_path / "c.onnx"), input_names=["input"], dynamo=False)
     out = ort.InferenceSession(str(tmp_path / "c.onnx")).run(None, {"input": x.numpy()})[0]
     close(torch.from_numpy(out), c(x).detach())
+
+
+@pytest.mark.slow
+def test_unet_program_any_size():
+    "The 3D U-Net exports once from a batch of one and runs other batches and sizes, odd ones included"
+    torch.manual_seed(0)
+    u = calibrate(efficientnet_unet("b0", n_out=2, ni=1), torch.randn(4, 1, 24, 40, 36))
+    ep = export_program(u, torch.randn(1, 1, 24, 40, 36))
+    for sz in ((2, 1, 24, 40, 36), (1, 1, 17, 33, 45), (1, 1, 5, 7, 64)):
+        x = torch.randn(*sz)
+        with torch.no_grad():
+            y = u(x)
+            assert ep.module()(x).shape == y.shape
+            close(ep.module()(x), y, 1e-5)
+
+
+@pytest.mark.slow
+def test_clip_onnx_any_size(tmp_path):
+    "A 16-frame clip model (`VIDEO_KWARGS`) exports to ONNX once and runs other frame counts and sizes"
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    g = torch.Generator().manual_seed(0)
+    v = calibrate(efficientnet_b0(ni=3, num_classes=5, **VIDEO_KWARGS), torch.randn(4, 3, 16, 64, 64, generator=g))
+    sess = ort.InferenceSession(str(export_onnx(v, tmp_path / "v.onnx", torch.randn(1, 3, 16, 64, 64, generator=g))))
+    for sz in ((2, 3, 16, 64, 64), (1, 3, 8, 112, 112), (1, 3, 16, 32, 48)):
+        x = torch.randn(*sz, generator=g)
+        with torch.no_grad():
+            close(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), v(x), 1e-5)
