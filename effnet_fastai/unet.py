@@ -26,7 +26,7 @@ def _bf16_cpu(x:Tensor)->bool:
 class DepthPadConv3d(nn.Conv3d):
     "`nn.Conv3d` that zero-pads the depth axis itself in bfloat16 on the CPU, where oneDNN's weight gradient is wrong for small depths"
     def _conv_forward(self, x:Tensor, weight:Tensor, bias:Tensor|None)->Tensor:
-        p = self.padding[0]
+        p = self.padding[0] if isinstance(self.padding, tuple) and self.padding_mode == 'zeros' else 0
         if not (p and _bf16_cpu(x)): return super()._conv_forward(x, weight, bias)
         return F.conv3d(F.pad(x, (0, 0, 0, 0, p, p)), weight, bias, self.stride, (0, *self.padding[1:]), self.dilation, self.groups)
 
