@@ -73,10 +73,11 @@ def _export(m, x, dyn, f):
         m.eval()
         with reference_layers(m), fx_config.patch(backed_size_oblivious=True):
             try: return f(dyn)
-            except torch._dynamo.exc.UserError:
+            except torch._dynamo.exc.UserError as e:
                 if dyn is None or set(dyn[0]) <= {0}: raise
-                warnings.warn(f"export: the spatial axes are fixed at {tuple(x.shape[2:])}: the example is too small for a program "
-                              "of any size (a strided layer's output is a single voxel); give an example larger than the total stride along one axis", stacklevel=3)
+                warnings.warn(f"export: the spatial axes are fixed at {tuple(x.shape[2:])}, as the exporter could not keep them dynamic "
+                              f"({str(e).splitlines()[0]}). Known causes: a 3D example no larger than the total stride along every "
+                              "axis (a strided layer's output is a single voxel: give a larger one), and 1D models", stacklevel=3)
                 return f(({0: dyn[0][0]},) if 0 in dyn[0] else None)
     finally: m.train(was)
 
