@@ -84,3 +84,33 @@ def test_unet_bench_quick(tmp_path):
         assert set(v["saved_bytes"]) == {"ours", "monai"}
         assert all(math.isfinite(x) and x > 0 for x in (v["train_ratio"]["median"], v["saved_ratio"]))
     assert "## Results" in (tmp_path / "UNET.md").read_text()
+
+
+@pytest.mark.slow
+def test_arch_compare_quick(tmp_path):
+    "bench/arch_compare.py --quick: b0 and xresnet18 measured end to end on the synthetic volumes; no timing asserted"
+    out = tmp_path / "ARCH.md"
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "arch_compare.py"),
+            "--quick",
+            "--data",
+            "shapes",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.with_suffix(".json").read_text())["results"]["shapes"]
+    assert set(res["archs"]) == {"b0", "xresnet18"}
+    b0, xr = res["archs"]["b0"], res["archs"]["xresnet18"]
+    assert 4e6 < b0["params"] < 8e6 and xr["params"] > 3 * b0["params"]  # 3D xresnet18 is about 5x larger
+    for r_ in (b0, xr):
+        assert r_["macs"] > 0 and r_["train_ms"] > 0 and r_["infer_ms"] > 0
+        assert 0 <= r_["accuracy"]["mean"] <= 1 and len(r_["logs"]) == 1
+    assert "| b0 |" in out.read_text() and out.with_suffix(".png").stat().st_size > 0
