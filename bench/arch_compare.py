@@ -36,6 +36,7 @@ from fastai.vision.models import xresnet
 from effnet_fastai.learner import create_effnet_head, create_effnet_model, _add_zscore
 from effnet_fastai.train import job_dls
 from effnet_fastai.video import model_summary
+from bench.bench import interleaved
 
 ARCHS = ["b0", "b1", "xresnet18", "xresnet34", "xresnet50"]
 
@@ -89,7 +90,7 @@ def find_lr(dls, arch, seed):
 
 
 class Timer:
-    "One architecture's train step (SGD) and inference on a fixed batch, for `interleaved` rounds"
+    "One architecture's train step (SGD) and inference on a fixed batch, for bench.py's `interleaved` rounds"
 
     def __init__(self, model, xb, yb):
         self.model, self.xb, self.yb = model, xb.as_subclass(torch.Tensor), yb.as_subclass(torch.Tensor)
@@ -107,17 +108,6 @@ class Timer:
             with torch.no_grad():
                 self.model(self.xb)
         return time.perf_counter() - t
-
-
-def interleaved(timers, what, rounds):
-    "Per-round times of each timer, run in the order A B C A B C ... after one warm-up each"
-    times = {k: [] for k in timers}
-    for r in timers.values():
-        r.timed(what)
-    for _ in range(rounds):
-        for k, r in timers.items():
-            times[k].append(r.timed(what))
-    return times
 
 
 def mean_sd(xs):
