@@ -14,7 +14,7 @@ validation accuracy), or fastai's `lr_find` valley with `--lrs find`. Every mode
 (`create_effnet_head`: concat pooling, BatchNorm, dropout, linear) and sees the same z-scored batches.
 """
 
-import argparse, json, os, statistics, sys, time, warnings
+import argparse, json, os, random, statistics, sys, time, warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
@@ -25,9 +25,9 @@ import matplotlib.pyplot as plt
 import torch, torch.nn.functional as F
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.metrics import accuracy
@@ -36,7 +36,7 @@ from fastai.vision.models import xresnet
 from effnet_fastai.learner import create_effnet_head, create_effnet_model, _add_zscore
 from effnet_fastai.train import job_dls
 from effnet_fastai.video import model_summary
-from bench.bench import interleaved
+from bench import interleaved, machine
 
 ARCHS = ["b0", "b1", "xresnet18", "xresnet34", "xresnet50"]
 
@@ -74,6 +74,8 @@ class EpochTimes(Callback):
 def fit(dls, arch, lr, epochs, seed):
     "Train `arch` from scratch with `fit_one_cycle(epochs, lr)` after `set_seed(seed)`; its epoch log"
     set_seed(seed, reproducible=True)
+    for dl in dls.loaders:
+        dl.rng = random.Random(seed)  # every architecture sees the batches of a seed in the same order
     xb = dls.one_batch()[0]
     learn = Learner(dls, build(arch, dls.c, xb.shape[1], xb.ndim - 2), metrics=accuracy, cbs=EpochTimes())
     with learn.no_bar(), learn.no_logging():
@@ -237,11 +239,7 @@ def main(argv=None):
         dls = job_dls(data, ndim=a.ndim, bs=a.bs, n_items=a.items, seed=0, **kw)
         _add_zscore(dls)
         results[data] = run_task(data, dls, a.archs, a.seeds, a.epochs, a.lrs, a.rounds, a.budget)
-    meta = dict(
-        argv=" ".join(sys.argv[1:] if argv is None else argv),
-        torch=torch.__version__,
-        machine=f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-    )
+    meta = dict(argv=" ".join(sys.argv[1:] if argv is None else argv), torch=torch.__version__, machine=machine())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_report(results, meta, Path(a.out))
     print(f"wrote {Path(a.out).with_suffix('.md')}, .json, .png")
