@@ -6,30 +6,25 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_bench_report(tmp_path):
-    out = tmp_path / "RESULTS.md"
+def run_script(script, *args, timeout=900):
+    "Run bench/`script` with `args` in a fresh interpreter; fails the test with its stderr when it fails"
     r = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "bench", "bench.py"),
-            "--rounds",
-            "1",
-            "--no-rss",
-            "--threads",
-            "1",
-            "--only",
-            "3d_b0_64",
-            "3d_b0_clip",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, os.path.join(ROOT, "bench", script), *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": ROOT},
-        timeout=900,
+        timeout=timeout,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow
+def test_bench_report(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    run_script(
+        "bench.py", "--rounds", "1", "--no-rss", "--threads", "1", "--only", "3d_b0_64", "3d_b0_clip", "--out", str(out)
+    )
     md = out.read_text()
     for row in (
         "train step (ms)",
@@ -51,14 +46,7 @@ def test_bench_report(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 0
     assert saved["meta"]["rounds"] == 1 and "--only" in saved["meta"]["command"]
     out.write_text("")  # rendered again from the JSON alone: the same report, nothing measured
-    r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--render", str(tmp_path / "RESULTS.json")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_script("bench.py", "--render", str(tmp_path / "RESULTS.json"), timeout=300)
     assert out.read_text() == md
 
 
@@ -66,14 +54,7 @@ def test_bench_report(tmp_path):
 def test_unet_bench_quick(tmp_path):
     "bench/unet_bench.py --quick: both U-Nets measured (or MONAI's failure recorded), finite ratios; no timing asserted"
     out = tmp_path / "UNET.json"
-    r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "unet_bench.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_script("unet_bench.py", "--quick", "--out", str(out))
     res = json.loads(out.read_text())["results"]
     assert res and all(set(v["params"]) == {"ours", "monai"} for v in res.values())
     assert all(v["params"][k]["total"] > 0 for v in res.values() for k in ("ours", "monai"))
@@ -90,22 +71,7 @@ def test_unet_bench_quick(tmp_path):
 def test_arch_compare_quick(tmp_path):
     "bench/arch_compare.py --quick: b0 and xresnet18 measured end to end on the synthetic volumes; no timing asserted"
     out = tmp_path / "ARCH.md"
-    r = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "bench", "arch_compare.py"),
-            "--quick",
-            "--data",
-            "shapes",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_script("arch_compare.py", "--quick", "--data", "shapes", "--out", str(out))
     res = json.loads(out.with_suffix(".json").read_text())["results"]["shapes"]
     assert set(res["archs"]) == {"b0", "xresnet18"}
     b0, xr = res["archs"]["b0"], res["archs"]["xresnet18"]
