@@ -71,22 +71,26 @@ class EpochTimes(Callback):
         self.log.append((self.train_s, float(self.recorder.values[-1][2])))
 
 
-def fit(dls, arch, lr, epochs, seed):
-    "Train `arch` from scratch with `fit_one_cycle(epochs, lr)` after `set_seed(seed)`; its epoch log"
+def learner(dls, arch, seed, cbs=None):
+    "A fresh `Learner` of `arch` after `set_seed(seed)`, its DataLoaders reseeded: every architecture sees a seed's batches in the same order"
     set_seed(seed, reproducible=True)
     for dl in dls.loaders:
-        dl.rng = random.Random(seed)  # every architecture sees the batches of a seed in the same order
+        dl.rng = random.Random(seed)
     xb = dls.one_batch()[0]
-    learn = Learner(dls, build(arch, dls.c, xb.shape[1], xb.ndim - 2), metrics=accuracy, cbs=EpochTimes())
+    return Learner(dls, build(arch, dls.c, xb.shape[1], xb.ndim - 2), metrics=accuracy, cbs=cbs)
+
+
+def fit(dls, arch, lr, epochs, seed):
+    "Train `arch` from scratch with `fit_one_cycle(epochs, lr)`; its epoch log"
+    learn = learner(dls, arch, seed, EpochTimes())
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(epochs, lr)
     return learn.epoch_times.log
 
 
 def find_lr(dls, arch, seed):
-    set_seed(seed, reproducible=True)
-    xb = dls.one_batch()[0]
-    learn = Learner(dls, build(arch, dls.c, xb.shape[1], xb.ndim - 2), metrics=accuracy)
+    "fastai's `lr_find` valley for `arch`"
+    learn = learner(dls, arch, seed)
     with learn.no_bar(), learn.no_logging():
         return float(learn.lr_find(show_plot=False).valley)
 
@@ -119,16 +123,12 @@ def mean_sd(xs):
 def run_task(task, dls, archs, seeds, epochs, lrs, rounds, budget=None):
     "Every measure of every architecture on `dls`"
     xb, yb = dls.one_batch()
-    res = {}
+    res, timers = {}, {}
     for arch in archs:
         set_seed(0)
         m = build(arch, dls.c, xb.shape[1], xb.ndim - 2)
         s = model_summary(m, tuple(xb.shape[1:])).set_index("layer").loc["total"]
-        res[arch] = dict(params=int(s.params), macs=int(s.MACs))
-    timers = {}
-    for arch in archs:
-        set_seed(0)
-        timers[arch] = Timer(build(arch, dls.c, xb.shape[1], xb.ndim - 2), xb, yb)
+        res[arch], timers[arch] = dict(params=int(s.params), macs=int(s.MACs)), Timer(m, xb, yb)
     for what in ("train", "infer"):
         for arch, ts in interleaved(timers, what, rounds).items():
             res[arch][f"{what}_ms"] = 1000 * statistics.median(ts)
