@@ -85,7 +85,7 @@ def to_tuple(x:int|tuple, ndim:int, name:str='ks')->tuple:
 # %% ../nbs/00_layers.ipynb #42573b57
 def same_padding(sz:int, ks:int, stride:int=1, dilation:int=1)->tuple:
     "TensorFlow 'SAME' padding `(before, after)` of one axis of size `sz`"
-    total = (ks - 1) * dilation - (sz - 1) % stride
+    total = (sz - 1) // stride * stride + (ks - 1) * dilation + 1 - sz  # (ceil(sz/stride) - 1) * stride + extent - sz
     if (ks - 1) * dilation < stride - 1: total = max(total, 0)  # a kernel narrower than its stride may need none
     return total // 2, total - total // 2
 
