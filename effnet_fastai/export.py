@@ -66,27 +66,43 @@ def _dynamic_shapes(x:Tensor, dynamic:bool|Iterable, dynamic_batch:bool=True):
     names = ['batch', 'channels', *'dhw'[max(5 - x.ndim, 0):]]
     return ({a: torch.export.Dim(names[a] if a < len(names) else f'axis{a}', min=1, max=_MAX_SIZE) for a in axes},)
 
+def _larger(x:Tensor, dyn:tuple, n:int=64)->Tensor:
+    "Zeros shaped like `x`, every dynamic spatial axis at least `n` long: an example for the exporter, which reads only its shape"
+    return x.new_zeros([max(s, n) if a > 1 and a in dyn[0] else s for a, s in enumerate(x.shape)])
+
 def _export(m, x, dyn, f):
-    "Run exporter `f(dynamic_shapes)` on `m` in eval mode on its reference layers, sizes of one treated like any other"
+    "Run exporter `f(x, dynamic_shapes)` on `m` in eval mode on its reference layers, sizes of one treated like any other"
     was = m.training
     try:
         m.eval()
         with reference_layers(m), fx_config.patch(backed_size_oblivious=True):
-            try: return f(dyn)
-            except torch._dynamo.exc.UserError as e:
-                if dyn is None or set(dyn[0]) <= {0}: raise
-                warnings.warn(f"export: the spatial axes are fixed at {tuple(x.shape[2:])}, as the exporter could not keep them dynamic "
-                              f"({str(e).splitlines()[0]}). Known causes: a 3D example no larger than the total stride along every "
-                              "axis (a strided layer's output is a single voxel: give a larger one), and 1D models", stacklevel=3)
-                return f(({0: dyn[0][0]},) if 0 in dyn[0] else None)
+            for ex in (x, None):  # the example, else a larger one (a 3D example no larger than the total stride on any axis)
+                if ex is None: ex = _larger(x, dyn)
+                try: return f(ex, dyn)
+                except torch._dynamo.exc.UserError as e:
+                    if dyn is None or set(dyn[0]) <= {0}: raise
+                    err = e
+            warnings.warn(f"export: the spatial axes are fixed at {tuple(x.shape[2:])}, as the exporter could not keep them dynamic "
+                          f"({str(err).splitlines()[0]})", stacklevel=3)
+            return f(x, ({0: dyn[0][0]},) if 0 in dyn[0] else None)
     finally: m.train(was)
+
+_SIZE = r"L\['\w+'\]\.size\(\)\[\d+\]"
+_AXIS_OUT = rf"(?:\(1 \+ \(\(\(-1\) \+ {_SIZE}\) // \d+\)\)|{_SIZE})"  # one axis of a strided layer's output
+_ONE_VOXEL = re.compile(rf"\({_AXIS_OUT}(?:\*{_AXIS_OUT})*\) != 1")
+
+def _drop_layout_guards(ep):
+    "`ep` without the guards that a 3D convolution's output has more than one voxel (they pick a memory layout, not a value)"
+    if hasattr(ep, '_guards_code'): ep._guards_code = [g for g in ep._guards_code if not _ONE_VOXEL.fullmatch(g)]  # private
+    return ep
 
 def export_program(m:nn.Module, # the model (put in eval mode for the export, then restored)
                    x:Tensor, # an example input (any size: a batch of one and axes of size one included)
                    dynamic_batch:bool=True, # let the batch size vary (False: fixed, whatever `dynamic` says)
                    dynamic:bool|Iterable=True): # True: batch and every spatial axis vary; False: none; or the axes that do
     "`torch.export.export` of `m` in eval mode on its reference layers, batch and spatial axes dynamic"
-    return _export(m, x, _dynamic_shapes(x, dynamic, dynamic_batch), lambda dyn: torch.export.export(m, (x,), dynamic_shapes=dyn))
+    ep = _export(m, x, _dynamic_shapes(x, dynamic, dynamic_batch), lambda x, dyn: torch.export.export(m, (x,), dynamic_shapes=dyn))
+    return _drop_layout_guards(ep)
 
 # %% ../nbs/09_export.ipynb #9dac77e0
 def export_onnx(m:nn.Module, # the model (put in eval mode for the export, then restored)
@@ -103,6 +119,6 @@ def export_onnx(m:nn.Module, # the model (put in eval mode for the export, then 
         with torch.no_grad(): y = m.eval()(x)  # one output, or a list of them (a feature extractor's maps)
     finally: m.train(was)
     names = ['output'] if isinstance(y, Tensor) else [f'output{i}' for i in range(len(y))]
-    _export(m, x, dyn, lambda dyn: torch.onnx.export(m, (x,), str(fname), input_names=['input'], output_names=names,
+    _export(m, x, dyn, lambda x, dyn: torch.onnx.export(m, (x,), str(fname), input_names=['input'], output_names=names,
                                                      opset_version=opset, dynamic_shapes=dyn, dynamo=True, verbose=False, **kwargs))
     return fname
