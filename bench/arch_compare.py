@@ -9,8 +9,9 @@ For every task and architecture: parameters, multiply-adds per sample, train-ste
 rounds in one process, every architecture on the same batch), validation accuracy after the same number of epochs
 (`fit_one_cycle`, one run per seed), and the accuracy reached within the same wall-clock training budget (the
 validation accuracy at the last epoch end inside the budget; by default the budget is the time the fastest
-architecture takes to finish all its runs). Each architecture gets its own learning rate: the grid `--lrs` on the first seed (best final
-validation accuracy), or fastai's `lr_find` valley with `--lrs find`. Every model ends in the same head
+architecture takes to finish all its runs). Each architecture gets its own learning rate: the grid `--lrs` on the
+first seed (best final validation accuracy; that run is the first seed's), or fastai's `lr_find` valley with
+`--lrs find`. Every model ends in the same head
 (`create_effnet_head`: concat pooling, BatchNorm, dropout, linear) and sees the same z-scored batches.
 """
 

@@ -76,7 +76,7 @@ def _export(m, x, dyn, f):
     try:
         m.eval()
         with reference_layers(m), fx_config.patch(backed_size_oblivious=True):
-            for ex in (x, None):  # the example, else a larger one (a 3D example no larger than the total stride on any axis)
+            for ex in (x, None):  # the example, else a larger one (e.g. for a 3D example no larger than the total stride along every axis)
                 if ex is None: ex = _larger(x, dyn)
                 try: return f(ex, dyn)
                 except torch._dynamo.exc.UserError as e:
