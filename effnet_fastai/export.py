@@ -79,7 +79,7 @@ def _export(m, x, dyn, f):
             for ex in (x, None):  # the example, else a larger one (e.g. for a 3D example no larger than the total stride along every axis)
                 if ex is None: ex = _larger(x, dyn)
                 try: return f(ex, dyn)
-                except torch._dynamo.exc.UserError as e:
+                except (torch._dynamo.exc.UserError, torch.onnx.errors.OnnxExporterError) as e:  # (ONNX wraps the former)
                     if dyn is None or set(dyn[0]) <= {0}: raise
                     err = e
             warnings.warn(f"export: the spatial axes are fixed at {tuple(x.shape[2:])}, as the exporter could not keep them dynamic "
