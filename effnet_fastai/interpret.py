@@ -12,7 +12,7 @@ from .data import TensorVolume, Affine3D, montage
 from .learner import AdaptiveConcatPool
 
 # %% auto #0
-__all__ = ['cam_layer', 'gradcam', 'show_cam', 'FlipTfm', 'data_flip_axes', 'plot_top_losses']
+__all__ = ['CAM_METHODS', 'cam_layer', 'gradcam', 'show_cam', 'FlipTfm', 'data_flip_axes', 'plot_top_losses']
 
 # %% ../nbs/05d_interpret.ipynb #0102e747
 _POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -64,21 +64,23 @@ def _sizes(model, names, x):
         model.train(training)
     return sizes
 
-def cam_layer(model:nn.Module, x:Tensor|None=None, min_size:int=1)->str:
-    "Name of the module whose output is `model`'s last feature map (before its global pooling); with `x`, the last at least `min_size` wide"
+def cam_layer(model:nn.Module, x:Tensor|None=None, min_size:int=1,
+              first:bool=False, # with `x`: the earliest such layer (from the body's stem) instead of the last
+             )->str:
+    "Name of the module whose output is `model`'s last feature map (before its global pooling); with `x`, the last (or `first`) at least `min_size` wide"
     pools = [n for n, m in model.named_modules() if isinstance(m, _POOLS)]
     pools = [n for n in pools if not any(n.startswith(p + '.') for p in pools)]  # (not the halves of a concat pooling)
     name = pools[-1] if pools else list(model._modules)[-1] if model._modules else None  # without pooling: before the last layer
     last = _before(model, name) if name else None
     if last is None: raise ValueError("could not find the last feature map of the model: pass `layer`, a name from `model.named_modules()`")
-    if x is None or min_size <= 1: return last
+    if x is None or (min_size <= 1 and not first): return last
     m, cands = dict(model.named_modules())[last], [last]
     if isinstance(m, nn.Sequential): cands += [f'{last}.{c}' for c in reversed(m._modules)]  # a body: its stages, last first
     p = last
     while (p := _before(model, p)) is not None: cands.append(p)  # then the layers before it
     sizes = _sizes(model, cands, _check_x(x, model)[:1])
     ok = [n for n in cands if len(sizes.get(n, ())) == x.ndim - 2 and min(sizes[n]) >= min(min_size, *x.shape[2:])]
-    return ok[0] if ok else last
+    return (ok[-1] if first else ok[0]) if ok else last
 
 # %% ../nbs/05d_interpret.ipynb #a7d6502b
 def _find_layer(model, layer):
@@ -111,6 +113,21 @@ def _grad_cam(acts, grads):
     w = grads.flatten(2).mean(2)[(...,) + (None,) * (acts.ndim - 2)]
     return F.relu((w * acts).sum(1, keepdim=True))
 
+def _layer_cam(acts, grads):
+    "LayerCAM: the feature maps `acts` weighted position by position by their positive gradients, summed over channels, ReLU"
+    return F.relu((F.relu(grads) * acts).sum(1, keepdim=True))
+
+def _hires_cam(acts, grads):
+    "HiResCAM: the feature maps `acts` weighted position by position by their gradients, summed over channels, ReLU"
+    return F.relu((grads * acts).sum(1, keepdim=True))
+
+CAM_METHODS = {'gradcam': _grad_cam, 'layercam': _layer_cam, 'hirescam': _hires_cam}
+
+def _cam_fn(method):
+    "The map of `method`, one of `CAM_METHODS`"
+    if method not in CAM_METHODS: raise ValueError(f"`method` must be one of {list(CAM_METHODS)}, got {method!r}")
+    return CAM_METHODS[method]
+
 def _minmax(cam):
     "Each map scaled to [0, 1] by its own minimum and maximum"
     lo, hi = cam.flatten(1).aminmax(dim=1)
@@ -121,9 +138,9 @@ def _class_scores(logits):
     "`(N, n_classes)` scores: a classifier's logits, or a segmentation model's logits summed over the voxels"
     return logits.flatten(2).sum(2) if logits.ndim > 2 else logits
 
-def _run_cam(model, x, target, layer):
-    "`(cam, logits)`: Grad-CAM of `target` at `layer` for the batch `x` at the layer's resolution, and the model's output"
-    x = _check_x(x, model)
+def _run_cam(model, x, target, layer, method='gradcam'):
+    "`(cam, logits)`: the map of `method` for `target` at `layer` for the batch `x` at the layer's resolution, and the model's output"
+    cam_fn, x = _cam_fn(method), _check_x(x, model)
     x = x.to(next(model.parameters(), x).device)  # (the model's device)
     name, mod = _find_layer(model, layer)
     acts = []
@@ -147,16 +164,18 @@ def _run_cam(model, x, target, layer):
                           "pass an earlier `layer`, e.g. `cam_layer(model, x, min_size=4)`", stacklevel=3)
     finally: h.remove(); model.train(training)
     dt = torch.promote_types(a.dtype, torch.float32)  # (half-precision maps are weighted in float32)
-    return _grad_cam(a.detach().to(dt), g.to(dt)), logits.detach()
+    return cam_fn(a.detach().to(dt), g.to(dt)), logits.detach()
 
 def _upsample(cam, x):
     "Maps `(N, 1, ...)` brought to the spatial size of `x` by (bi/tri)linear interpolation, as `(N, *spatial)`"
     return F.interpolate(cam, size=x.shape[2:], mode=('linear', 'bilinear', 'trilinear')[x.ndim - 3], align_corners=False)[:, 0]
 
-def gradcam(model_or_learner:nn.Module|Learner, x:Tensor, target:int|Tensor|None=None, layer:str|nn.Module|None=None, normalize:bool=True)->Tensor:
-    "Grad-CAM `(N, *spatial)` of class `target` (default: the prediction) at `layer` (default: the last feature map) for the batch `x`, at its size"
+def gradcam(model_or_learner:nn.Module|Learner, x:Tensor, target:int|Tensor|None=None, layer:str|nn.Module|None=None, normalize:bool=True,
+            method:str='gradcam', # 'gradcam', 'layercam' or 'hirescam' (`CAM_METHODS`)
+           )->Tensor:
+    "Grad-CAM (or `method`) `(N, *spatial)` of class `target` (default: the prediction) at `layer` (default: the last feature map) for the batch `x`, at its size"
     model = model_or_learner.model if isinstance(model_or_learner, Learner) else model_or_learner
-    cam, _ = _run_cam(model, x, target, layer)
+    cam, _ = _run_cam(model, x, target, layer, method)
     cam = _upsample(cam, x)
     return (_minmax(cam) if normalize else cam).to(x.device)
 
@@ -200,14 +219,20 @@ def _items(dl, n):
     x = torch.cat(xs)[:n]
     return x, (torch.cat(ys)[:n] if ys[0] is not None else None)
 
+def _draw_layer(model, x, layer=None, min_size=None):
+    "`layer`, or the earliest feature map at least `min_size` wide (default: half the input's smallest side, at least 4)"
+    return ifnone(layer, cam_layer(model, x, ifnone(min_size, max(4, min(x.shape[2:]) // 2)), first=True))
+
 @patch
 def show_cam(self:Learner, n:int=9, ds_idx:int=1, dl=None, target:int|None=None,  # noqa: F811 (the method beside the function)
-             layer:str|None=None, # default: the last feature map at least `min_size` wide along each axis
-             min_size:int=4, ctxs:list|None=None, nrows:int|None=None, ncols:int|None=None, figsize:tuple|None=None, **kwargs):
-    "Grad-CAM of the first `n` validation items (or of `dl`'s) for their predicted class (or `target`), drawn over them with label and prediction"
+             layer:str|None=None, # default: the earliest feature map (the stem) at least `min_size` wide along each axis
+             min_size:int|None=None, # default: half the input's smallest side (at least 4)
+             method:str='layercam', # the map: 'layercam' (sharp at early layers), 'gradcam' or 'hirescam'
+             ctxs:list|None=None, nrows:int|None=None, ncols:int|None=None, figsize:tuple|None=None, **kwargs):
+    "LayerCAM (or `method`) of the first `n` validation items (or of `dl`'s) for their predicted class (or `target`), drawn over them with label and prediction"
     dl = ifnone(dl, self.dls[ds_idx]).new(shuffle=False, drop_last=False)
     x, y = _items(dl, n)
-    cam, logits = _run_cam(self.model, x, target, ifnone(layer, cam_layer(self.model, x, min_size)))
+    cam, logits = _run_cam(self.model, x, target, _draw_layer(self.model, x, layer, min_size), method)
     cam = _upsample(cam, x)
     pred = _class_scores(logits).argmax(1).cpu()
     vocab = getattr(self.dls, 'vocab', None)
@@ -276,13 +301,14 @@ if not hasattr(Interpretation, '_fastai_plot_top_losses'): Interpretation._fasta
 
 @patch
 def plot_top_losses(self:Interpretation, k:int|MutableSequence, largest:bool=True,  # noqa: F811 (the method)
-                    cam:bool=False, # draw each volume or clip with the Grad-CAM of its prediction
-                    layer:str|None=None, # the Grad-CAM's layer (default: the last feature map at least 4 wide along each axis)
+                    cam:bool=False, # draw each volume or clip with the map of its prediction
+                    layer:str|None=None, # the map's layer (default: the earliest feature map at least half the input's smallest side wide)
+                    method:str='layercam', # the map: 'layercam', 'gradcam' or 'hirescam'
                     **kwargs):
     "fastai's `plot_top_losses`, which also draws volumes and clips (as montages), with their CAMs when `cam`"
     if cam:
         idx = (self.top_losses(None, largest)[1][k] if is_listy(k) or isinstance(k, range) else self.top_losses(k, largest)[1])
         x = tuplify(self[idx][0])[0]
         if not isinstance(x, TensorVolume): raise ValueError(f"`cam=True` draws volumes and clips, got inputs of type {type(x).__name__}: use `learn.show_cam`")
-        kwargs['cams'] = gradcam(self.learn, x, layer=ifnone(layer, cam_layer(self.learn.model, x, 4)))
+        kwargs['cams'] = gradcam(self.learn, x, layer=_draw_layer(self.learn.model, x, layer), method=method)
     return self._fastai_plot_top_losses(k, largest, **kwargs)

@@ -1,5 +1,5 @@
 """Interpretation (issue 14): `gradcam` against MONAI's `GradCAM` for 1D/2D/3D EfficientNets at every stage, random
-sizes and targets, a timm model, a plain CNN and the U-Net; `cam_layer` on peers' models; flip TTA for a segmentation
+sizes and targets, a timm model, a plain CNN and the U-Net; LayerCAM and Grad-CAM against torchcam's, HiResCAM; `cam_layer` on peers' models; flip TTA for a segmentation
 learner (predictions flipped back); `learn.show_cam` and `plot_top_losses` for clips; clear errors."""
 
 import warnings
@@ -7,6 +7,7 @@ import pytest, torch
 from torch import nn
 from hypothesis import given, settings, strategies as st
 from monai.visualize import GradCAM
+from torchcam.methods import LayerCAM, GradCAM as TorchcamGradCAM
 from fastai.basics import accuracy, set_seed
 from fastai.interpret import ClassificationInterpretation
 import matplotlib
@@ -16,7 +17,8 @@ import matplotlib.pyplot as plt
 from effnet_fastai.data import MovingShapes
 from effnet_fastai.segdata import synthetic_seg_dls
 from effnet_fastai.learner import create_effnet_model, efficientnet_learner, efficientnet_unet_learner
-from effnet_fastai.interpret import cam_layer, gradcam
+from effnet_fastai.factories import efficientnet_b0
+from effnet_fastai.interpret import CAM_METHODS, cam_layer, gradcam
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 STAGES = ["0.stem"] + [f"0.stage{i}" for i in range(1, 8)] + ["0.head", "0"]
@@ -97,6 +99,43 @@ def test_property_equals_monai(nd, data, n, layer, per_item):
     assert norm.min() >= 0 and norm.max() <= 1 + 1e-9
 
 
+def torchcam_map(cls, m, x, layer, targets):
+    "torchcam's map of `cls` (LayerCAM, GradCAM) at `layer` for the classes `targets`, upsampled as `gradcam` does"
+    with cls(m, target_layer=layer, input_shape=tuple(x.shape[1:])) as ex:
+        cam = ex(class_idx=[int(t) for t in targets], scores=m(x), normalized=False)[0]
+    mode = ("linear", "bilinear", "trilinear")[x.ndim - 3]
+    return torch.nn.functional.interpolate(cam[:, None], size=x.shape[2:], mode=mode, align_corners=False)[:, 0]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    nd=st.sampled_from([1, 2, 3]),
+    data=st.data(),
+    layer=st.sampled_from(["0.stem", "0.stage2", "0.stage4"]),
+    method=st.sampled_from(["layercam", "gradcam"]),
+)
+def test_property_equals_torchcam(nd, data, layer, method):
+    "LayerCAM and Grad-CAM equal torchcam's at random sizes, layers and per-item targets, in 1D, 2D and 3D"
+    sizes = tuple(data.draw(st.integers(12, 28 if nd == 3 else 80)) for _ in range(nd))
+    m = effnet(nd)
+    x = torch.randn(2, 2, *sizes, dtype=torch.float64)
+    t = torch.tensor([data.draw(st.integers(0, 4)) for _ in range(2)])
+    cls = {"layercam": LayerCAM, "gradcam": TorchcamGradCAM}[method]
+    assert_rel(gradcam(m, x, target=t, layer=layer, normalize=False, method=method), torchcam_map(cls, m, x, layer, t))
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_hirescam_is_gradcam_before_average_pooling(nd):
+    "Where a layer is averaged into a linear layer its gradient is the same everywhere: HiResCAM equals Grad-CAM there"
+    torch.manual_seed(nd)
+    x = torch.randn(2, 2, *(64,) * nd, dtype=torch.float64)
+    m = warmed(efficientnet_b0(ni=2, num_classes=4, ndim=nd), x)
+    ref = gradcam(m, x, normalize=False)
+    assert_rel(gradcam(m, x, normalize=False, method="hirescam"), ref, 1e-6)
+    assert (gradcam(m, x, normalize=False, method="layercam") - ref).abs().max() > 1e-3 * ref.abs().max()
+    assert set(CAM_METHODS) == {"gradcam", "layercam", "hirescam"}
+
+
 def test_timm_model():
     "A timm EfficientNet: `cam_layer` finds the layer before its global pooling, and the map is MONAI's"
     timm = pytest.importorskip("timm")
@@ -165,8 +204,16 @@ def test_show_cam_and_top_losses_for_clips():
     axs = learn.show_cam(n=3)
     assert [len(a.images) for a in axs[:3]] == [2, 2, 2]
     plt.close("all")
+    for method in CAM_METHODS:  # each method draws; a wrong one is refused
+        assert len(learn.show_cam(n=2, method=method)) == 2
+        plt.close("all")
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        learn.show_cam(n=2, method="nope")
     interp = ClassificationInterpretation.from_learner(learn)
     interp.plot_top_losses(2, cam=True)
+    assert [len(a.images) for a in plt.gcf().axes] == [2, 2]
+    plt.close("all")
+    interp.plot_top_losses(2, cam=True, method="gradcam")
     assert [len(a.images) for a in plt.gcf().axes] == [2, 2]
     plt.close("all")
 
@@ -207,6 +254,8 @@ def test_errors():
         gradcam(m, x, layer=nn.Conv2d(1, 1, 1))
     with pytest.raises(ValueError, match="did not run"):
         gradcam(Unused().double(), x, layer="unused")
+    with pytest.raises(ValueError, match=r"`method` must be one of \['gradcam', 'layercam', 'hirescam'\], got 'cam'"):
+        gradcam(m, x, method="cam")
 
 
 class Unused(nn.Module):
