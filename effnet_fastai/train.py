@@ -49,7 +49,7 @@ def job_seg_dls(data='shapes', ndim=3, size=32, bs=8, n_items=400, seed=0, valid
 
 # %% ../nbs/06_train.ipynb #13c0e313
 def report_figure(learn, n:int=4):
-    "The loss curves, the validation confusion matrix and `n` validation items with their Grad-CAMs, as one figure"
+    "The loss curves, the validation confusion matrix and `n` validation items with their class activation maps, as one figure"
     rec = learn.recorder
     losses, iters, vl = [float(l) for l in rec.losses], list(rec.iters), [v[1] for v in rec.values]
     interp = ClassificationInterpretation.from_learner(learn)  # (its `get_preds` resets the recorder)
@@ -66,12 +66,12 @@ def report_figure(learn, n:int=4):
     for i, j in itertools.product(range(len(vocab)), range(len(vocab))):
         a1.text(j, i, int(cm[i, j]), ha='center', va='center', color='white' if cm[i, j] > cm.max()/2 else 'black')
     a1.set_xlabel('predicted'); a1.set_ylabel('actual'); a1.set_title('Confusion matrix (validation)')
-    learn.show_cam(n, ctxs=[fig.add_subplot(gs[1, 2*i:2*i + 2]) for i in range(n)])  # label / prediction, Grad-CAM of the prediction
+    learn.show_cam(n, ctxs=[fig.add_subplot(gs[1, 2*i:2*i + 2]) for i in range(n)])  # label / prediction, LayerCAM of the prediction at the stem
     fig.tight_layout()
     return fig, cm
 
 def plot_report(learn, fn, n:int=4):
-    "Save the loss curves, the validation confusion matrix and `n` validation items with their Grad-CAMs to the PNG `fn`"
+    "Save the loss curves, the validation confusion matrix and `n` validation items with their class activation maps to the PNG `fn`"
     fig, cm = report_figure(learn, n)
     fig.savefig(fn, dpi=80); plt.close(fig)
     return cm
