@@ -11,9 +11,10 @@ from .layers import *
 from .blocks import *
 
 # %% auto #0
-__all__ = ['FastConv1dSame', 'FastConv2dSame', 'FastConv3dSame', 'depthwise_weight_grad', 'DepthwiseConvFn', 'fast_depthwise',
-           'BNActFn', 'lean_bn_act', 'fold_bn_weights', 'bn_eval_', 'bn_inplace_exact', 'zero_tap_conv', 'FastSameConv',
-           'FastConvLayer', 'FastMBConvBlock', 'set_speed_paths', 'has_speed_paths', 'reference_layers', 'set_fold_bn']
+__all__ = ['depthwise_conv', 'depthwise_conv_backward', 'batch_norm_silu', 'batch_norm_silu_backward', 'FastConv1dSame',
+           'FastConv2dSame', 'FastConv3dSame', 'depthwise_weight_grad', 'fast_depthwise', 'lean_bn_act',
+           'fold_bn_weights', 'bn_eval_', 'bn_inplace_exact', 'zero_tap_conv', 'FastSameConv', 'FastConvLayer',
+           'FastMBConvBlock', 'set_speed_paths', 'has_speed_paths', 'reference_layers', 'set_fold_bn']
 
 # %% ../nbs/01a_fast.ipynb #988d1e74
 _conv_fns = (F.conv1d, F.conv2d, F.conv3d)
@@ -26,66 +27,134 @@ def depthwise_weight_grad(x:Tensor, grad:Tensor, padding:tuple, ks:tuple)->Tenso
     return r.view(n, c, *ks).sum(0).unsqueeze(1)
 
 # %% ../nbs/01a_fast.ipynb #5d5cb1d8
-class DepthwiseConvFn(torch.autograd.Function):
-    "Stride-1 depthwise convolution without bias whose backward is two forward convolutions (flipped kernel; gradients as kernels)"
-    @staticmethod
-    def forward(ctx, x, weight, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        return _conv_fns[x.ndim - 3](x, weight, None, 1, padding, 1, weight.shape[0])
+def _dw_conv(x, weight, padding):
+    "The stock stride-1 depthwise convolution (one filter per channel), no bias"
+    return _conv_fns[x.ndim - 3](x, weight, None, 1, padding, 1, weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        ks, gx, gw = w.shape[2:], None, None
-        if ctx.needs_input_grad[0]:
-            pads = [k - 1 - p for k, p in zip(ks, ctx.padding)]
-            gx = _conv_fns[x.ndim - 3](grad, w.flip(tuple(range(2, x.ndim))), None, 1, pads, 1, w.shape[0])
-        if ctx.needs_input_grad[1]: gw = depthwise_weight_grad(x, grad, ctx.padding, ks)
-        return gx, gw, None
+depthwise_conv = torch.library.custom_op('effnet_fastai::depthwise_conv', _dw_conv, mutates_args=(),
+                                         schema='(Tensor x, Tensor weight, int[] padding) -> Tensor')
+depthwise_conv.register_fake(_dw_conv)  # (on fake tensors the stock convolution gives the shape and strides)
+
+def _dw_grads(grad, x, weight, padding, mask):
+    "Input and weight gradients of `_dw_conv` as forward convolutions (None where `mask` is False)"
+    ks = weight.shape[2:]
+    gx = _dw_conv(grad, weight.flip(tuple(range(2, x.ndim))), [k - 1 - p for k, p in zip(ks, padding)]) if mask[0] else None
+    if not mask[1]: return gx, None
+    if x.dtype in (torch.bfloat16, torch.float16):  # accumulated in float32, rounded once, as the stock kernel does
+        return gx, depthwise_weight_grad(x.float(), grad.float(), padding, ks).to(x.dtype)
+    return gx, depthwise_weight_grad(x, grad, padding, ks)
+
+def _fast_dw_pays(grad):
+    "Whether the forward-convolution backward is the faster one: CPU, 1-2 threads, float32/64 or bfloat16 (as measured)"
+    return grad.device.type == 'cpu' and torch.get_num_threads() <= 2 and grad.dtype != torch.float16
+
+def _like(t, ref):
+    "`t` (None: empty) with the strides of `empty_like(ref)`, as the fake implementation promises"
+    if t is None: return ref.new_empty(0)
+    return t if t.stride() == torch.empty_like(ref).stride() else torch.empty_like(ref).copy_(t)
+
+def _dw_backward(grad, x, weight, padding, output_mask):
+    "Gradients of `depthwise_conv` for `x` and `weight` (an empty tensor where `output_mask` is False)"
+    if _fast_dw_pays(grad): gx, gw = _dw_grads(grad, x, weight, padding, output_mask)
+    else:
+        nd = x.ndim - 2
+        gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, [1] * nd, padding, [1] * nd, False, [0] * nd,
+                                                        weight.shape[0], [*output_mask, False])
+    return _like(gx, x), _like(gw, weight)
+
+depthwise_conv_backward = torch.library.custom_op('effnet_fastai::depthwise_conv_backward', _dw_backward, mutates_args=(),
+    schema='(Tensor grad, Tensor x, Tensor weight, int[] padding, bool[] output_mask) -> (Tensor, Tensor)')
+
+@depthwise_conv_backward.register_fake
+def _(grad, x, weight, padding, output_mask):
+    return tuple(torch.empty_like(t) if m else t.new_empty(0) for t, m in zip((x, weight), output_mask))
+
+def _dw_setup(ctx, inputs, output):
+    x, weight, ctx.padding = inputs
+    ctx.save_for_backward(x, weight)
+
+def _dw_autograd(ctx, grad):
+    x, weight = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:2])
+    if torch.is_grad_enabled(): gx, gw = _dw_grads(grad, x, weight, ctx.padding, mask)  # create_graph: differentiable
+    else: gx, gw = depthwise_conv_backward(grad, x, weight, ctx.padding, mask)
+    return (gx if mask[0] else None), (gw if mask[1] else None), None
+
+depthwise_conv.register_autograd(_dw_autograd, setup_context=_dw_setup)
+
+def _autocast_args(*ts):
+    "`ts` in the dtype autocast gives a convolution here (float32 tensors cast), for operators autocast does not know"
+    dev = ts[0].device.type
+    if not torch.is_autocast_enabled(dev): return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.dtype == torch.float32 else t for t in ts)
 
 def fast_depthwise(x:Tensor, weight:Tensor, padding:tuple)->Tensor:
     "Stride-1 depthwise convolution of `x` (symmetric `padding`, no bias) whose backward runs as forward convolutions"
-    return DepthwiseConvFn.apply(x, weight, padding)
-
-def _fast_dw_applies(x, w):
-    "Whether `fast_depthwise` pays: a CPU float backward on one or two threads (where it was measured)"
-    return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and torch.is_grad_enabled()
-            and torch.get_num_threads() <= 2 and (x.requires_grad or w.requires_grad))
+    x, weight = _autocast_args(x, weight)
+    return depthwise_conv(x, weight, list(padding))
 
 # %% ../nbs/01a_fast.ipynb #a5997d68
-class BNActFn(torch.autograd.Function):
-    "Training-mode BatchNorm followed by SiLU, saving only the BatchNorm input (its output is recomputed in backward)"
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        z, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps = eps
-        return F.silu(z)
+def _bn_silu(x, weight, bias, running_mean, running_var, momentum, eps):
+    "`(silu(batch_norm(x)), batch mean, batch inverse std, new running mean, new running variance)` in training mode"
+    rm, rv = running_mean.clone(), running_var.clone()
+    z, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, rm, rv, True, momentum, eps)
+    return F.silu(z, inplace=True), mean, invstd, rm, rv
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        scale = invstd * weight
-        z = torch.addcmul((bias - mean * scale).view(shape), x, scale.view(shape))
-        gz = torch.ops.aten.silu_backward(grad, z)
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(gz, x, weight, None, None, mean, invstd, True, ctx.eps,
-                                                               list(ctx.needs_input_grad[:3]))
-        return gx, gw, gb, None, None, None, None
+batch_norm_silu = torch.library.custom_op('effnet_fastai::batch_norm_silu', _bn_silu, mutates_args=(),
+    schema='(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, float momentum, float eps) '
+           '-> (Tensor, Tensor, Tensor, Tensor, Tensor)')
+
+@batch_norm_silu.register_fake
+def _(x, weight, bias, running_mean, running_var, momentum, eps):  # (statistics in the parameters' dtype, as the CPU and CUDA kernels give them)
+    return torch.empty_like(x), *(x.new_empty(x.shape[1], dtype=weight.dtype) for _ in range(2)), torch.empty_like(running_mean), torch.empty_like(running_var)
+
+def _bn_silu_backward(grad, x, weight, bias, mean, invstd, eps, output_mask):
+    "Gradients of `batch_norm_silu` for `x`, `weight` and `bias` (empty where `output_mask` is False), the normalised `x` recomputed"
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    scale = invstd * weight
+    z = torch.addcmul((bias - mean * scale).view(shape), x, scale.view(shape)).to(x.dtype)
+    gz = torch.ops.aten.silu_backward(grad, z)
+    gs = torch.ops.aten.native_batch_norm_backward(gz, x, weight, None, None, mean, invstd, True, eps, output_mask)
+    return tuple(g if m else t.new_empty(0) for g, m, t in zip(gs, output_mask, (x, weight, bias)))
+
+batch_norm_silu_backward = torch.library.custom_op('effnet_fastai::batch_norm_silu_backward', _bn_silu_backward, mutates_args=(),
+    schema='(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, float eps, bool[] output_mask) '
+           '-> (Tensor, Tensor, Tensor)')
+
+@batch_norm_silu_backward.register_fake
+def _(grad, x, weight, bias, mean, invstd, eps, output_mask):
+    return tuple(torch.empty_like(t) if m else t.new_empty(0) for t, m in zip((x, weight, bias), output_mask))
+
+def _bn_silu_setup(ctx, inputs, output):
+    x, weight, bias, _, _, _, ctx.eps = inputs
+    _, mean, invstd, rm, rv = output
+    ctx.mark_non_differentiable(mean, invstd, rm, rv)
+    ctx.save_for_backward(x, weight, bias, mean, invstd)
+
+def _bn_silu_autograd(ctx, grad, *_):
+    mask = list(ctx.needs_input_grad[:3])
+    gs = batch_norm_silu_backward(grad, *ctx.saved_tensors, ctx.eps, mask)
+    return *(g if m else None for g, m in zip(gs, mask)), None, None, None, None
+
+batch_norm_silu.register_autograd(_bn_silu_autograd, setup_context=_bn_silu_setup)
 
 # %% ../nbs/01a_fast.ipynb #1a7e8d5a
 def lean_bn_act(x:Tensor, bn:nn.Module)->Tensor:
     "`F.silu(bn(x))` for a training-mode BatchNorm with running statistics, saving only `x` for backward"
     F._verify_batch_size(x.size())  # the error nn.BatchNorm raises on one value per channel
     bn.num_batches_tracked.add_(1)
-    return BNActFn.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
+    y, _, _, rm, rv = batch_norm_silu(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
+    with torch.no_grad(): bn.running_mean.copy_(rm); bn.running_var.copy_(rv)
+    return y
+
+_LOW = (torch.bfloat16, torch.float16)
 
 def _bn_act_fusable(bn, act, x):
     "Whether `act(bn(x))` can go through `lean_bn_act` without changing anything observable"
     return (type(act) is nn.SiLU and isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training and bn.affine
             and bn.track_running_stats and bn.momentum is not None and x.ndim > 2 and torch.is_grad_enabled()
-            and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type)
+            and (x.dtype == bn.weight.dtype or (x.dtype in _LOW and bn.weight.dtype == torch.float32))
             and not (bn._forward_hooks or bn._forward_pre_hooks or act._forward_hooks or act._forward_pre_hooks))
 
 # %% ../nbs/01a_fast.ipynb #f44bf5d4
@@ -154,9 +223,15 @@ def zero_tap_conv(conv:nn.Module, x:Tensor, weight:Tensor, bias:Tensor|None, pad
 # %% ../nbs/01a_fast.ipynb #6f65e651
 _fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)  # torch < 2.9
 
+def _tracing():
+    "True while `torch.jit.trace`, `torch.fx` or `torch.export` records a graph: the fast classes run the reference forward"
+    return torch.jit.is_tracing() or _fx_tracing() or torch.compiler.is_exporting()
+
 def _capturing():
-    "True while `torch.compile`, `torch.jit.trace` or `torch.fx` records a graph: the fast classes defer to the reference forward"
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing()
+    "True while `torch.compile` compiles or `_tracing()`: the inference paths step aside (inductor fuses and reuses buffers itself)"
+    return torch.compiler.is_compiling() or _tracing()
+
+def _wants_grad(*ts): return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 class FastSameConv(SameConv):
     "SAME convolution with the CPU speed paths: `fast_depthwise` backward, no-copy symmetric pads, zero taps in inference"
@@ -168,8 +243,8 @@ class FastSameConv(SameConv):
                         and self.groups == self.in_channels == self.out_channels and all(d == 1 for d in dl))
 
     def same_forward(self, x, weight, bias):
+        if self.fast_dw and bias is None and not _tracing() and _wants_grad(x, weight): return fast_depthwise(x, weight, self.padding)
         if _capturing(): return super().same_forward(x, weight, bias)
-        if self.fast_dw and bias is None and _fast_dw_applies(x, weight): return fast_depthwise(x, weight, self.padding)
         pads = self.same_pads(x)
         if pads is None: return self._conv_forward(x, weight, bias)
         if pads[0::2] == pads[1::2]:  # symmetric: let the convolution pad, no copy
@@ -187,7 +262,7 @@ class FastConvLayer(ConvLayerDynamicPadding):
         if not hasattr(self, 'fold_bn_eval'): self.fold_bn_eval = False  # see `set_fold_bn`
 
     def forward(self, x):
-        if _capturing(): return super().forward(x)
+        if _capturing(): return super().forward(x)  # inductor recomputes BatchNorm+SiLU itself, and saves less
         if self.lean_bn_act and len(self) == 3 and _bn_act_fusable(self[1], self[2], x): return lean_bn_act(self[0](x), self[1])
         if self.fold_bn_eval and _bn_foldable(self, x):
             y = _conv_with(self[0], x, *fold_bn_weights(self[0], self[1]))
