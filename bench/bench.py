@@ -3,11 +3,15 @@
     python bench/bench.py            # default CPU suite (a few minutes on 2 cores), writes bench/RESULTS.md + bench/results.png
     python bench/bench.py --quick    # fewer rounds, a smoke test
     python bench/bench.py --gpu      # the GPU suite as well (bf16 autocast, channels_last(_3d), torch.compile, b4 memory)
+    python bench/bench.py --modes all --threads 2   # eager, torch.compile, bf16 autocast and both, on the CPU, one run
 
 Every model of a workload is built in one process from the same seed and fed the same seeded input. Timings run in
 interleaved rounds (ours, peer, ours, peer, ...) and each round gives one ratio peer/ours, so a machine shared with
 other work slows both sides alike; the report gives the median ratio and its min-max over rounds. A ratio above 1
 means ours is faster (for times) or smaller (for memory). Parameter counts are checked equal before anything is timed.
+With `--modes`, each workload runs once per mode (eager float32, `torch.compile(model)`, CPU bfloat16 autocast, both),
+one after another in the same process; a compiled model's first train step and first inference (its compilation) are
+timed apart as the warm-up.
 """
 
 import argparse, datetime, gc, json, os, platform, resource, statistics, subprocess, sys, time, warnings
@@ -84,6 +88,20 @@ GPU_WORKLOADS = {
 }
 
 
+# CPU modes (`--modes`): the options of `Runner` for each
+MODES = {
+    "eager": {},
+    "compile": dict(compile=True),
+    "bf16": dict(bf16=True),
+    "compile_bf16": dict(compile=True, bf16=True),
+}
+
+
+def mode_key(wl_name, mode):
+    "The results key of a workload in a mode (the eager one keeps the plain name of earlier reports)"
+    return wl_name if mode == "eager" else f"{wl_name} [{mode}]"
+
+
 def build(name, kw, seed=0):
     torch.manual_seed(seed)
     return BUILDERS[name](**kw)
@@ -150,11 +168,13 @@ def saved_bytes(model, x, bf16=False):
     return n
 
 
-def interleaved(runners, what, rounds):
-    "Per-round times of each runner, run in the order A B C A B C ..."
+def interleaved(runners, what, rounds, warmup=None):
+    "Per-round times of each runner, run in the order A B C A B C ...; the warm-up call's time goes to `warmup`"
     times = {k: [] for k in runners}
-    for r in runners.values():
-        r.timed(what)  # warm-up (and compilation)
+    for k, r in runners.items():
+        t = r.timed(what)  # warm-up (and compilation)
+        if warmup is not None:
+            warmup[k] = t
     for _ in range(rounds):
         for k, r in runners.items():
             times[k].append(r.timed(what))
@@ -245,6 +265,8 @@ def workload_models(wl_name, wl, x, dev):
 def run_workload(wl_name, wl, args, dev, opts=None):
     opts = opts or {}
     print(f"\n== {wl['title']} {opts or ''}", flush=True)
+    if opts.get("compile"):
+        torch._dynamo.reset()  # a fresh compilation for each workload and mode: honest warm-ups, no piled-up graphs
     torch.manual_seed(0)
     x = torch.randn(wl["shape"])
     models, errors = workload_models(wl_name, wl, x, dev)
@@ -253,15 +275,27 @@ def run_workload(wl_name, wl, args, dev, opts=None):
         print(f"  {p} fails on {tuple(x.shape)}: {e}", flush=True)
     res["params"] = num_params(models["ours"])
     runners = {k: Runner(m, x, dev, **opts) for k, m in models.items()}
+    warmup = res["warmup_s"] = {}
     for what in ("train", "infer"):
-        times = interleaved(runners, what, args.rounds)
+        times = interleaved(runners, what, args.rounds, warmup.setdefault(what, {}))
         res[f"{what}_s"] = {k: statistics.median(v) for k, v in times.items()}
         for p in [k for k in runners if k != "ours"]:
             res["peers"].setdefault(p, {})[what] = ratio_stats(times[p], times["ours"])
         print(
             f"  {what}: " + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in times.items()), flush=True
         )
-    if dev.type == "cpu" and not args.quick:  # a process that only infers: its allocator never held training buffers
+    if opts.get("compile"):
+        print(
+            "  warm-up (compilation) s: "
+            + ", ".join(f"{w} " + " / ".join(f"{k} {v:.0f}" for k, v in t.items()) for w, t in warmup.items()),
+            flush=True,
+        )
+    eager = not any(
+        opts.values()
+    )  # the fresh-process measures run the eager float32 models (a child would compile again)
+    if (
+        dev.type == "cpu" and not args.quick and eager
+    ):  # a process that only infers: its allocator never held training buffers
         times = fresh_inference(wl_name, args.rounds)
         res["infer_fresh_s"] = {k: statistics.median(v) for k, v in times.items()}
         for p in [k for k in times if k != "ours"]:
@@ -271,7 +305,7 @@ def run_workload(wl_name, wl, args, dev, opts=None):
             + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in times.items()),
             flush=True,
         )
-    res["saved_bytes"] = {k: saved_bytes(r.model, r.x, opts.get("bf16", False)) for k, r in runners.items()}
+    res["saved_bytes"] = {k: saved_bytes(r.fn, r.x, opts.get("bf16", False)) for k, r in runners.items()}
     if dev.type == "cuda":
         res["peak_mem"] = {}
         for k, r in runners.items():
@@ -286,7 +320,7 @@ def run_workload(wl_name, wl, args, dev, opts=None):
     print("  saved MiB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in res["saved_bytes"].items()), flush=True)
     del runners, models
     gc.collect()
-    if dev.type == "cpu" and not args.no_rss:
+    if dev.type == "cpu" and not args.no_rss and eager:
         res["peak_rss"], res["rss_errors"] = {}, {}
         for k in ["ours"] + list(wl["peers"]):
             if k in res["errors"]:
@@ -380,6 +414,34 @@ def run_meta(args):
     )
 
 
+def split_key(key):
+    "`(workload, mode)` of a results key written by `mode_key`"
+    base, _, mode = key.partition(" [")
+    return base, mode.rstrip("]") or "eager"
+
+
+def summary_lines(results):
+    "A table of every CPU workload and measure (rows) in every mode (columns): ours / peer ms and the median ratio"
+    rows, modes = {}, []
+    for key, r in results.items():
+        if "peers" not in r or key.startswith("gpu_"):
+            continue
+        base, mode = split_key(key)
+        modes += [mode] if mode not in modes else []
+        for what, label in (("train", "train step"), ("infer", "inference")):
+            for p, st in r["peers"].items():
+                ms = r[f"{what}_s"]
+                cell = f"{ms['ours'] * 1000:.0f} / {ms[p] * 1000:.0f} ms, **{st[what]['median']:.2f}x**"
+                rows.setdefault((base, label, p), {})[mode] = cell
+    if len(modes) < 2:
+        return []
+    lines = ["## Summary: ours / peer, by mode", "", "| workload | measure | peer | " + " | ".join(modes) + " |"]
+    lines.append("|" + "---|" * (3 + len(modes)))
+    for (base, label, p), cells in rows.items():
+        lines.append(f"| {base} | {label} | {p} | " + " | ".join(cells.get(m, "") for m in modes) + " |")
+    return lines + [""]
+
+
 def write_report(results, meta, path):
     lines = [
         "# Benchmark results",
@@ -397,8 +459,11 @@ def write_report(results, meta, path):
         "Inference is timed twice: in the benchmark process after the train rounds (as in a training loop's",
         "validation: the allocator keeps the freed training buffers), and in a fresh process that only infers (as a",
         "deployed model runs: large activations are fresh, page-faulting allocations at every call).",
+        "In the compile and bf16 modes the fresh-process measures (inference-only process, RSS) are not run, and the",
+        "saved bytes are those of the compiled module (what inductor's partitioner keeps for backward).",
         "",
     ]
+    lines += summary_lines(results)
     for name, r in results.items():
         if name == "checkpointing":
             lines += [
@@ -417,12 +482,9 @@ def write_report(results, meta, path):
                 + [""]
             )
             continue
-        lines += [
-            f"## {r['title']}" + (f" {r['opts']}" if r["opts"] else ""),
-            "",
-            f"Parameters: {r['params']:,} (equal for all models).",
-            "",
-        ]
+        mode = split_key(name)[1]
+        heading = f" [{mode}]" if mode != "eager" else f" {r['opts']}" if r["opts"] else ""
+        lines += [f"## {r['title']}{heading}", "", f"Parameters: {r['params']:,} (equal for all models).", ""]
         for p, e in r["errors"].items():
             lines += [f"- **{p} fails on this input**: `{e}`"]
         if r["errors"]:
@@ -465,6 +527,14 @@ def write_report(results, meta, path):
                     )
                     + " |"
                 )
+        if r.get("opts", {}).get("compile") and r.get("warmup_s"):
+            lines += [
+                "",
+                "Compile warm-up (the first call, s): "
+                + "; ".join(
+                    f"{w} " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) for w, t in r["warmup_s"].items()
+                ),
+            ]
         if r.get("peak_mem"):
             pm = r["peak_mem"]
             lines.append(
@@ -524,6 +594,11 @@ def main():
     )
     ap.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak RSS measure")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch default)")
+    ap.add_argument(
+        "--modes",
+        default="eager",
+        help=f"CPU suite: comma-separated modes from {list(MODES)}, or 'all' (default: eager); each workload runs in each",
+    )
     ap.add_argument("--gpu", action="store_true", help="also run the GPU suite (needs CUDA)")
     ap.add_argument("--bf16", action="store_true", help="GPU suite: bf16 autocast")
     ap.add_argument("--channels-last", action="store_true", help="GPU suite: channels_last(_3d)")
@@ -551,13 +626,23 @@ def main():
         return print(f"wrote {out}")
     if args.quick:
         args.rounds, args.no_rss = min(args.rounds, 2), True
+    modes = list(MODES) if args.modes == "all" else args.modes.split(",")
+    if bad := [m for m in modes if m not in MODES]:
+        ap.error(f"--modes: unknown {bad}; choose from {list(MODES)} or 'all'")
+    if any(MODES[m].get("compile") for m in modes):  # cold compilations, as a first run sees them (no on-disk caches)
+        from torch._inductor import config as inductor_config
+        from torch._functorch import config as functorch_config
+
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
     cpu, results = torch.device("cpu"), {}
     names = args.only if args.only is not None else list(WORKLOADS) + ["checkpointing"]
     for n in names:
         if n == "checkpointing":
             results[n] = run_checkpointing(args, cpu)
-        else:
-            results[n] = run_workload(n, WORKLOADS[n], args, cpu)
+            continue
+        for mode in modes:
+            results[mode_key(n, mode)] = run_workload(n, WORKLOADS[n], args, cpu, MODES[mode])
     if args.gpu:
         if not torch.cuda.is_available():
             print("\n--gpu: CUDA is not available, GPU suite skipped", flush=True)

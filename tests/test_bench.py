@@ -22,9 +22,8 @@ def run_script(script, *args, timeout=900):
 @pytest.mark.slow
 def test_bench_report(tmp_path):
     out = tmp_path / "RESULTS.md"
-    run_script(
-        "bench.py", "--rounds", "1", "--no-rss", "--threads", "1", "--only", "3d_b0_64", "3d_b0_clip", "--out", str(out)
-    )
+    args = ("--rounds", "1", "--no-rss", "--threads", "1", "--only", "3d_b0_64", "3d_b0_clip", "--modes", "eager,bf16")
+    run_script("bench.py", *args, "--out", str(out))
     md = out.read_text()
     for row in (
         "train step (ms)",
@@ -43,11 +42,68 @@ def test_bench_report(tmp_path):
         0.5 < peer["saved_bytes"] < 3
     )  # MONAI saves more for backward (measured 1.5x); a broken hook would give 0 or inf
     assert "monai" in res["3d_b0_clip"]["errors"] and "infer_fresh_s" in res["3d_b0_clip"]
+    bf16 = res["3d_b0_64 [bf16]"]  # the same workload under CPU bfloat16 autocast, in the same run
+    assert bf16["opts"] == {"bf16": True} and set(bf16["peers"]["monai"]) == {"train", "infer", "saved_bytes"}
+    assert all(v > 0 and math.isfinite(v) for t in ("train_s", "infer_s") for v in bf16[t].values())
+    assert "## Summary: ours / peer, by mode" in md and "[bf16]" in md
     assert (tmp_path / "results.png").stat().st_size > 0
     assert saved["meta"]["rounds"] == 1 and "--only" in saved["meta"]["command"]
     out.write_text("")  # rendered again from the JSON alone: the same report, nothing measured
     run_script("bench.py", "--render", str(tmp_path / "RESULTS.json"), timeout=300)
     assert out.read_text() == md
+
+
+def load_bench():
+    "bench/bench.py as a module"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_script", os.path.join(ROOT, "bench", "bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class FakeRunner:
+    "A runner whose calls take the times given (the first one is the warm-up)"
+
+    def __init__(self, times):
+        self.times = list(times)
+
+    def timed(self, what):
+        return self.times.pop(0)
+
+
+def test_warmup_and_modes_in_the_report(tmp_path):
+    "The warm-up call is timed apart from the rounds; a compiled mode's table shows it, and the summary lists every mode"
+    b = load_bench()
+    warm = {}
+    times = b.interleaved({"ours": FakeRunner([30, 1, 2]), "monai": FakeRunner([40, 3, 4])}, "train", 2, warm)
+    assert warm == {"ours": 30, "monai": 40} and times == {"ours": [1, 2], "monai": [3, 4]}
+
+    def result(opts, ours, peer):
+        r = dict(
+            title="3D b0",
+            shape=[2, 1, 8, 8, 8],
+            opts=opts,
+            errors={},
+            params=10,
+            saved_bytes={"ours": 2**20, "monai": 2**21},
+        )
+        r.update(train_s={"ours": ours, "monai": peer}, infer_s={"ours": ours / 2, "monai": peer / 2})
+        stats = {w: dict(median=peer / ours, min=peer / ours, max=peer / ours) for w in ("train", "infer")}
+        r["peers"] = {"monai": {**stats, "saved_bytes": 2.0}}
+        if opts.get("compile"):
+            r["warmup_s"] = {"train": {"ours": 75.0, "monai": 61.0}, "infer": {"ours": 20.0, "monai": 16.0}}
+        return r
+
+    results = {b.mode_key("w", m): result(b.MODES[m], 0.2, 0.3 + i / 10) for i, m in enumerate(b.MODES)}
+    assert list(results) == ["w", "w [compile]", "w [bf16]", "w [compile_bf16]"]
+    out = tmp_path / "R.md"
+    b.write_report(results, dict(date="d", machine="m", versions="v", command="c", rounds=1, cuda="none"), str(out))
+    md = out.read_text()
+    assert "| w | train step | monai | 200 / 300 ms, **1.50x** | 200 / 400 ms, **2.00x** |" in md
+    assert md.count("Compile warm-up (the first call, s): train ours 75, monai 61; infer ours 20, monai 16") == 2
+    assert "## 3D b0 [compile_bf16]" in md
 
 
 @pytest.mark.slow
