@@ -11,7 +11,7 @@ other work slows both sides alike; the report gives the median ratio and its min
 means ours is faster (for times) or smaller (for memory). Parameter counts are checked equal before anything is timed.
 With `--modes`, each workload runs once per mode (eager float32, `torch.compile(model)`, CPU bfloat16 autocast, both),
 one after another in the same process; a compiled model's first train step and first inference (its compilation) are
-timed apart as the warm-up.
+timed apart as the warm-up. The fresh-process measures (inference-only process, peak RSS) run in the eager mode only.
 """
 
 import argparse, datetime, gc, json, os, platform, resource, statistics, subprocess, sys, time, warnings
@@ -86,6 +86,16 @@ GPU_WORKLOADS = {
         title="GPU 2D b0 (256,3,224,224) vs torchvision and timm",
     ),
 }
+# A small workload for the smoke test (tests/test_bench.py), run only when `--only` names it
+SMOKE_WORKLOADS = {
+    "3d_b0_32": dict(
+        shape=(2, 1, 32, 32, 32),
+        ours=dict(ni=1, ndim=3),
+        peers={"monai": dict(ni=1)},
+        title="3D b0, 1 channel, (2,1,32,32,32) vs MONAI EfficientNetBN (smoke test)",
+    ),
+}
+ALL_WORKLOADS = {**WORKLOADS, **SMOKE_WORKLOADS, **GPU_WORKLOADS}
 
 
 # CPU modes (`--modes`): the options of `Runner` for each
@@ -95,6 +105,14 @@ MODES = {
     "bf16": dict(bf16=True),
     "compile_bf16": dict(compile=True, bf16=True),
 }
+
+
+def mode_opts(mode, backend="inductor"):
+    "The `Runner` options of `mode`; a compile backend other than inductor is recorded in them"
+    opts = dict(MODES[mode])
+    if opts.get("compile") and backend != "inductor":
+        opts["backend"] = backend
+    return opts
 
 
 def mode_key(wl_name, mode):
@@ -120,14 +138,14 @@ def sync(dev):
 class Runner:
     "Train step and inference of one model on one input, with the options of a configuration"
 
-    def __init__(self, model, x, dev, bf16=False, channels_last=False, compile=False):
+    def __init__(self, model, x, dev, bf16=False, channels_last=False, compile=False, backend="inductor"):
         self.dev, self.bf16 = dev, bf16
         self.model = model.to(dev)
         self.x = x.to(dev)
         if channels_last:
             fmt = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
             self.model, self.x = self.model.to(memory_format=fmt), self.x.contiguous(memory_format=fmt)
-        self.fn = torch.compile(self.model) if compile else self.model
+        self.fn = torch.compile(self.model, backend=backend) if compile else self.model
         self.y = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(1)).to(dev)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -181,6 +199,16 @@ def interleaved(runners, what, rounds, warmup=None):
     return times
 
 
+def medians_ms(times):
+    "`ours 34 ms, monai 43 ms`: the median of each runner's times"
+    return ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in times.items())
+
+
+def warmup_text(warmup):
+    "`train ours 31, monai 32; infer ours 9, monai 9`: the warm-up seconds of each measure and model"
+    return "; ".join(f"{w} " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) for w, t in warmup.items())
+
+
 def ratio_stats(peer, base):
     rs = [p / b for p, b in zip(peer, base)]
     return dict(median=statistics.median(rs), min=min(rs), max=max(rs))
@@ -197,7 +225,7 @@ def high_water_rss():
 
 def rss_child(args):
     "In a fresh process: build one model, run one train step (or inference), print the peak RSS in bytes"
-    wl = {**WORKLOADS, **GPU_WORKLOADS}[args.rss_child[0]]
+    wl = ALL_WORKLOADS[args.rss_child[0]]
     name, what = args.rss_child[1], args.rss_child[2]
     kw = wl["ours"] if name == "ours" else wl["peers"][name]
     torch.manual_seed(0)
@@ -211,7 +239,7 @@ def rss_child(args):
 def infer_child(args):
     "In a fresh process that never trains: interleaved inference rounds of ours and the peers, times as JSON"
     wl_name = args.infer_child
-    wl = {**WORKLOADS, **GPU_WORKLOADS}[wl_name]
+    wl = ALL_WORKLOADS[wl_name]
     torch.manual_seed(0)
     x = torch.randn(wl["shape"])
     models, _ = workload_models(wl_name, wl, x, torch.device("cpu"))  # peers that fail are recorded by the parent
@@ -275,36 +303,26 @@ def run_workload(wl_name, wl, args, dev, opts=None):
         print(f"  {p} fails on {tuple(x.shape)}: {e}", flush=True)
     res["params"] = num_params(models["ours"])
     runners = {k: Runner(m, x, dev, **opts) for k, m in models.items()}
-    warmup = res["warmup_s"] = {}
+    if opts.get("compile"):  # our own eager model in the same rounds: is compiling ever slower than not?
+        runners["ours eager"] = Runner(build("ours", wl["ours"]), x, dev, **{**opts, "compile": False})
+    warmup = {}  # the first call of each runner, timed apart: a compiled model's compilation
     for what in ("train", "infer"):
         times = interleaved(runners, what, args.rounds, warmup.setdefault(what, {}))
         res[f"{what}_s"] = {k: statistics.median(v) for k, v in times.items()}
         for p in [k for k in runners if k != "ours"]:
             res["peers"].setdefault(p, {})[what] = ratio_stats(times[p], times["ours"])
-        print(
-            f"  {what}: " + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in times.items()), flush=True
-        )
+        print(f"  {what}: {medians_ms(times)}", flush=True)
     if opts.get("compile"):
-        print(
-            "  warm-up (compilation) s: "
-            + ", ".join(f"{w} " + " / ".join(f"{k} {v:.0f}" for k, v in t.items()) for w, t in warmup.items()),
-            flush=True,
-        )
-    eager = not any(
-        opts.values()
-    )  # the fresh-process measures run the eager float32 models (a child would compile again)
-    if (
-        dev.type == "cpu" and not args.quick and eager
-    ):  # a process that only infers: its allocator never held training buffers
+        compiled = [k for k, r in runners.items() if r.fn is not r.model]
+        res["warmup_s"] = {w: {k: t[k] for k in compiled} for w, t in warmup.items()}
+        print(f"  warm-up (compilation) s: {warmup_text(res['warmup_s'])}", flush=True)
+    eager = not any(opts.values())  # the fresh-process measures run eager float32 models (a child would compile again)
+    if dev.type == "cpu" and not args.quick and eager:  # a process that only infers: no training buffers ever held
         times = fresh_inference(wl_name, args.rounds)
         res["infer_fresh_s"] = {k: statistics.median(v) for k, v in times.items()}
         for p in [k for k in times if k != "ours"]:
             res["peers"][p]["infer_fresh"] = ratio_stats(times[p], times["ours"])
-        print(
-            "  infer, inference-only process: "
-            + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in times.items()),
-            flush=True,
-        )
+        print(f"  infer, inference-only process: {medians_ms(times)}", flush=True)
     res["saved_bytes"] = {k: saved_bytes(r.fn, r.x, opts.get("bf16", False)) for k, r in runners.items()}
     if dev.type == "cuda":
         res["peak_mem"] = {}
@@ -313,13 +331,13 @@ def run_workload(wl_name, wl, args, dev, opts=None):
             torch.cuda.reset_peak_memory_stats()
             r.train_step()
             res["peak_mem"][k] = torch.cuda.max_memory_allocated()
-    for k in runners:
-        res["saved_bytes"][k] = res["saved_bytes"][k]
-        if k != "ours":
-            res["peers"][k]["saved_bytes"] = res["saved_bytes"][k] / res["saved_bytes"]["ours"]
+    for k in [k for k in runners if k != "ours"]:
+        res["peers"][k]["saved_bytes"] = res["saved_bytes"][k] / res["saved_bytes"]["ours"]
     print("  saved MiB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in res["saved_bytes"].items()), flush=True)
     del runners, models
     gc.collect()
+    if opts.get("compile"):
+        torch._dynamo.reset()  # frees the compiled graphs before the next workload or mode
     if dev.type == "cpu" and not args.no_rss and eager:
         res["peak_rss"], res["rss_errors"] = {}, {}
         for k in ["ours"] + list(wl["peers"]):
@@ -420,13 +438,19 @@ def split_key(key):
     return base, mode.rstrip("]") or "eager"
 
 
+def mode_label(key, r):
+    "The mode of a result, with its compile backend where it is not inductor"
+    backend = r.get("opts", {}).get("backend")
+    return split_key(key)[1] + (f", {backend} backend" if backend else "")
+
+
 def summary_lines(results):
     "A table of every CPU workload and measure (rows) in every mode (columns): ours / peer ms and the median ratio"
     rows, modes = {}, []
     for key, r in results.items():
         if "peers" not in r or key.startswith("gpu_"):
             continue
-        base, mode = split_key(key)
+        base, mode = split_key(key)[0], mode_label(key, r)
         modes += [mode] if mode not in modes else []
         for what, label in (("train", "train step"), ("infer", "inference")):
             for p, st in r["peers"].items():
@@ -459,8 +483,11 @@ def write_report(results, meta, path):
         "Inference is timed twice: in the benchmark process after the train rounds (as in a training loop's",
         "validation: the allocator keeps the freed training buffers), and in a fresh process that only infers (as a",
         "deployed model runs: large activations are fresh, page-faulting allocations at every call).",
-        "In the compile and bf16 modes the fresh-process measures (inference-only process, RSS) are not run, and the",
-        "saved bytes are those of the compiled module (what inductor's partitioner keeps for backward).",
+        "Modes (`--modes`): eager float32, `torch.compile(model)`, CPU bfloat16 autocast, and both. Outside the eager",
+        "mode the fresh-process measures (inference-only process, RSS) are not run (a child would compile again); the",
+        "saved bytes are measured in the mode: under autocast, and through the compiled module (what the compiled",
+        "backward keeps). In a compile mode, `ours eager` is our model uncompiled in the same rounds (a ratio above 1:",
+        "compiling pays), and the warm-up is the first call of each compiled model: its compilation, on-disk caches off.",
         "",
     ]
     lines += summary_lines(results)
@@ -482,7 +509,7 @@ def write_report(results, meta, path):
                 + [""]
             )
             continue
-        mode = split_key(name)[1]
+        mode = mode_label(name, r)
         heading = f" [{mode}]" if mode != "eager" else f" {r['opts']}" if r["opts"] else ""
         lines += [f"## {r['title']}{heading}", "", f"Parameters: {r['params']:,} (equal for all models).", ""]
         for p, e in r["errors"].items():
@@ -527,14 +554,6 @@ def write_report(results, meta, path):
                     )
                     + " |"
                 )
-        if r.get("opts", {}).get("compile") and r.get("warmup_s"):
-            lines += [
-                "",
-                "Compile warm-up (the first call, s): "
-                + "; ".join(
-                    f"{w} " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) for w, t in r["warmup_s"].items()
-                ),
-            ]
         if r.get("peak_mem"):
             pm = r["peak_mem"]
             lines.append(
@@ -542,11 +561,14 @@ def write_report(results, meta, path):
                 + " | ".join(f"{pm[p] / 2**20:.0f}" for p in r["peers"])
                 + " |"
             )
+        if r.get("opts", {}).get("compile") and r.get("warmup_s"):
+            lines += ["", f"Compile warm-up (the first call, s): {warmup_text(r['warmup_s'])}"]
         lines.append("")
     notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")
     if os.path.exists(notes):  # hand-written analysis (profiles, what limits a missed target) kept beside the figures
         with open(notes) as f:
             lines += ["", f.read()]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # not lose a long run to a missing folder
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
@@ -586,11 +608,15 @@ def plot(results, path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 rounds, no peak-RSS subprocesses")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measure")
     ap.add_argument(
-        "--only", nargs="*", default=None, help=f"workloads to run, from {list(WORKLOADS)} and checkpointing"
+        "--only",
+        nargs="*",
+        default=None,
+        choices=[*WORKLOADS, "checkpointing", *SMOKE_WORKLOADS],
+        help=f"workloads to run (default: {list(WORKLOADS)} and checkpointing; {list(SMOKE_WORKLOADS)}: a smoke test)",
     )
     ap.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak RSS measure")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch default)")
@@ -598,6 +624,11 @@ def main():
         "--modes",
         default="eager",
         help=f"CPU suite: comma-separated modes from {list(MODES)}, or 'all' (default: eager); each workload runs in each",
+    )
+    ap.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compile modes (default: inductor; aot_eager compiles in seconds, for tests)",
     )
     ap.add_argument("--gpu", action="store_true", help="also run the GPU suite (needs CUDA)")
     ap.add_argument("--bf16", action="store_true", help="GPU suite: bf16 autocast")
@@ -642,7 +673,8 @@ def main():
             results[n] = run_checkpointing(args, cpu)
             continue
         for mode in modes:
-            results[mode_key(n, mode)] = run_workload(n, WORKLOADS[n], args, cpu, MODES[mode])
+            opts = mode_opts(mode, args.compile_backend)
+            results[mode_key(n, mode)] = run_workload(n, ALL_WORKLOADS[n], args, cpu, opts)
     if args.gpu:
         if not torch.cuda.is_available():
             print("\n--gpu: CUDA is not available, GPU suite skipped", flush=True)

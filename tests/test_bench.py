@@ -22,7 +22,16 @@ def run_script(script, *args, timeout=900):
 @pytest.mark.slow
 def test_bench_report(tmp_path):
     out = tmp_path / "RESULTS.md"
-    args = ("--rounds", "1", "--no-rss", "--threads", "1", "--only", "3d_b0_64", "3d_b0_clip", "--modes", "eager,bf16")
+    args = (
+        "--rounds",
+        "1",
+        "--no-rss",
+        "--threads",
+        "1",
+        "--only",
+        "3d_b0_64",
+        "3d_b0_clip",
+    )  # modes: test_bench_modes
     run_script("bench.py", *args, "--out", str(out))
     md = out.read_text()
     for row in (
@@ -42,15 +51,38 @@ def test_bench_report(tmp_path):
         0.5 < peer["saved_bytes"] < 3
     )  # MONAI saves more for backward (measured 1.5x); a broken hook would give 0 or inf
     assert "monai" in res["3d_b0_clip"]["errors"] and "infer_fresh_s" in res["3d_b0_clip"]
-    bf16 = res["3d_b0_64 [bf16]"]  # the same workload under CPU bfloat16 autocast, in the same run
-    assert bf16["opts"] == {"bf16": True} and set(bf16["peers"]["monai"]) == {"train", "infer", "saved_bytes"}
-    assert all(v > 0 and math.isfinite(v) for t in ("train_s", "infer_s") for v in bf16[t].values())
-    assert "## Summary: ours / peer, by mode" in md and "[bf16]" in md
     assert (tmp_path / "results.png").stat().st_size > 0
     assert saved["meta"]["rounds"] == 1 and "--only" in saved["meta"]["command"]
     out.write_text("")  # rendered again from the JSON alone: the same report, nothing measured
     run_script("bench.py", "--render", str(tmp_path / "RESULTS.json"), timeout=300)
     assert out.read_text() == md
+
+
+@pytest.mark.slow
+def test_bench_modes(tmp_path):
+    "Three modes of one small workload in one run: finite times in each, the compiled models' warm-ups recorded"
+    out = tmp_path / "RESULTS.md"
+    modes = ("--modes", "eager,bf16,compile", "--compile-backend", "aot_eager")  # inductor: minutes, aot_eager: seconds
+    run_script("bench.py", "--rounds", "1", "--no-rss", "--threads", "1", "--only", "3d_b0_32", *modes, "--out", out)
+    res = json.loads((tmp_path / "RESULTS.json").read_text())["results"]
+    assert list(res) == ["3d_b0_32", "3d_b0_32 [bf16]", "3d_b0_32 [compile]"]
+    for r in res.values():
+        assert not r["errors"] and set(r["peers"]) >= {"monai"}
+        assert all(v > 0 and math.isfinite(v) for t in ("train_s", "infer_s", "saved_bytes") for v in r[t].values())
+    assert "infer_fresh_s" in res["3d_b0_32"] and "infer_fresh_s" not in res["3d_b0_32 [bf16]"]
+    comp = res["3d_b0_32 [compile]"]
+    assert comp["opts"] == {"compile": True, "backend": "aot_eager"} and set(comp["train_s"]) == {
+        "ours",
+        "monai",
+        "ours eager",
+    }
+    warm = comp["warmup_s"]  # the compiled models only: `ours eager` is not compiled
+    assert set(warm) == {"train", "infer"} and all(set(t) == {"ours", "monai"} for t in warm.values())
+    assert all(v > 0 and math.isfinite(v) for t in warm.values() for v in t.values())
+    md = out.read_text()
+    assert "| 3d_b0_32 | train step | monai |" in md and "| bf16 | compile, aot_eager backend |" in md
+    assert "(smoke test) [bf16]" in md and "(smoke test) [compile, aot_eager backend]" in md
+    assert md.count("Compile warm-up (the first call, s): train ours ") == 1
 
 
 def load_bench():
