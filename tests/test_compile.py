@@ -168,12 +168,19 @@ def test_compile_dynamic_same_padding():
 
 
 @pytest.mark.slow
-def test_compile_inductor_train_step_matches_eager():
-    "The default backend: a compiled train step gives the eager reference's gradients and BatchNorm statistics"
+@pytest.mark.parametrize("ndim,shape", [(3, (2, 1, 20, 17, 18)), (2, (2, 3, 33, 31))])
+def test_compile_inductor_matches_eager(ndim, shape):
+    "The default backend (minutes on 2 cores): inference, and a train step's gradients and BatchNorm statistics"
     torch._dynamo.reset()
-    m, x = tiny(3, 1), torch.randn(2, 1, 20, 17, 18)
+    m, x = tiny(ndim, shape[1]), torch.randn(shape)
     ref = copy.deepcopy(m).set_speed_paths(False)
     cm = torch.compile(m, fullgraph=True)
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert rel(cm(x), ref(x)) < 1e-4
+    m.train()
+    ref.train()
     y = torch.tensor([0, 2])
     F.cross_entropy(cm(x), y).backward()
     F.cross_entropy(ref(x), y).backward()

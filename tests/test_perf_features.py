@@ -1,4 +1,4 @@
-"Performance features: gradient checkpointing, the CPU depthwise backward, BatchNorm+SiLU, folded BatchNorm, torch.compile"
+"Performance features: gradient checkpointing, the CPU depthwise backward, BatchNorm+SiLU, folded BatchNorm (torch.compile: test_compile.py)"
 
 import copy, warnings
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
@@ -6,7 +6,7 @@ import pytest, torch, torch.nn as nn, torch.nn.functional as F
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 from effnet_fastai.layers import Conv3dSame, Conv2dSame
 from effnet_fastai.fast import fast_depthwise, batch_norm_silu, set_speed_paths
-from effnet_fastai.model import EfficientNet, saved_activation_bytes as saved_bytes
+from effnet_fastai.model import saved_activation_bytes as saved_bytes
 from effnet_fastai.factories import efficientnet_b0
 
 
@@ -175,51 +175,4 @@ def test_fused_paths_save_less():
     assert ours <= 0.8 * plain, (ours, plain)
 
 
-# ------------------------------------------------------------ torch.compile
-def tiny(ndim, ni):
-    "A b0-shaped network with one block per stage: the same layer types, a quarter of the graph to compile"
-    return EfficientNet(
-        ni=ni,
-        num_classes=3,
-        ndim=ndim,
-        width_coefficient=0.25,
-        depth_coefficient=0.1,
-        drop_connect_rate=0.0,
-        dropout_rate=0.0,
-    )
-
-
-SHAPES = [(2, (2, 3, 33, 31)), (3, (2, 1, 17, 15, 16))]  # odd sizes: the stride-2 layers pad dynamically
-
-
-@pytest.mark.parametrize("ndim,shape", [SHAPES[1], pytest.param(*SHAPES[0], marks=pytest.mark.slow)])
-def test_compile_fullgraph_capture(ndim, shape):
-    "The whole model, forward and backward, is captured in one graph (aot_eager: no code generation, fast)"
-    torch._dynamo.reset()
-    m, x = tiny(ndim, shape[1]), torch.randn(shape)
-    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
-    m.eval()
-    with torch.no_grad():
-        assert rel(cm(x), m(x)) < 1e-5
-    m.train()
-    ref = copy.deepcopy(m)
-    cm(x).pow(2).sum().backward()
-    ref(x).pow(2).sum().backward()
-    scale = max(p.grad.abs().max() for p in ref.parameters())
-    for (n, a), b in zip(m.named_parameters(), ref.parameters()):
-        assert (a.grad - b.grad).abs().max() <= 1e-4 * scale, n
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("ndim,shape", SHAPES)
-def test_compile_fullgraph_inductor(ndim, shape):
-    "The default (inductor) backend, train step included; minutes on 2 cores"
-    torch._dynamo.reset()
-    m, x = tiny(ndim, shape[1]), torch.randn(shape)
-    cm = torch.compile(m, fullgraph=True)
-    m.eval()
-    with torch.no_grad():
-        assert rel(cm(x), m(x)) < 1e-4
-    m.train()
-    cm(x).sum().backward()
-    assert all(p.grad is not None for p in m.parameters())
+# torch.compile: tests/test_compile.py
