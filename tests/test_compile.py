@@ -35,6 +35,13 @@ def tiny(ndim=3, ni=1):
     )
 
 
+def compiled_pair(ndim, shape, **kw):
+    "`(m, ref, x, cm)`: a tiny model, its copy on the reference layers, an input, and `m` compiled with `kw` (fullgraph)"
+    torch._dynamo.reset()
+    m, x = tiny(ndim, shape[1]), torch.randn(shape)
+    return m, copy.deepcopy(m).set_speed_paths(False), x, torch.compile(m, fullgraph=True, **kw)
+
+
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -126,11 +133,8 @@ def test_double_backward():
 @pytest.mark.parametrize("ndim,shape", [(3, (2, 1, 17, 15, 16)), (2, (2, 3, 33, 31))])
 def test_compile_keeps_the_depthwise_operator(ndim, shape):
     "fullgraph=True captures forward and backward in one graph, with every fast depthwise layer as our operator"
-    torch._dynamo.reset()
-    m, x = tiny(ndim, shape[1]), torch.randn(shape)
-    ref = copy.deepcopy(m).set_speed_paths(False)
     rec = Recorder()
-    cm = torch.compile(m, fullgraph=True, backend=rec)
+    m, ref, x, cm = compiled_pair(ndim, shape, backend=rec)
     cm(x).pow(2).sum().backward()
     ref(x).pow(2).sum().backward()
     assert n_fast_dw(m) > 0 and rec.count(OPS[0]) == n_fast_dw(m), (rec.count(OPS[0]), n_fast_dw(m))
@@ -171,10 +175,7 @@ def test_compile_dynamic_same_padding():
 @pytest.mark.parametrize("ndim,shape", [(3, (2, 1, 20, 17, 18)), (2, (2, 3, 33, 31))])
 def test_compile_inductor_matches_eager(ndim, shape):
     "The default backend (minutes on 2 cores): inference, and a train step's gradients and BatchNorm statistics"
-    torch._dynamo.reset()
-    m, x = tiny(ndim, shape[1]), torch.randn(shape)
-    ref = copy.deepcopy(m).set_speed_paths(False)
-    cm = torch.compile(m, fullgraph=True)
+    m, ref, x, cm = compiled_pair(ndim, shape)
     m.eval()
     ref.eval()
     with torch.no_grad():
