@@ -134,7 +134,12 @@ def _bn_silu_setup(ctx, inputs, output):
 
 def _bn_silu_autograd(ctx, grad, *_):
     mask = list(ctx.needs_input_grad[:3])
-    gs = batch_norm_silu_backward(grad, *ctx.saved_tensors, ctx.eps, mask)
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: the stock modules' gradients, themselves differentiable
+        ins = [t for t, m in zip((x, weight, bias), mask) if m]
+        gs = iter(torch.autograd.grad(F.silu(F.batch_norm(x, None, None, weight, bias, True, 0., ctx.eps)), ins, grad, create_graph=True))
+        gs = [next(gs) if m else None for m in mask]
+    else: gs = batch_norm_silu_backward(grad, x, weight, bias, mean, invstd, ctx.eps, mask)
     return *(g if m else None for g, m in zip(gs, mask)), None, None, None, None
 
 batch_norm_silu.register_autograd(_bn_silu_autograd, setup_context=_bn_silu_setup)

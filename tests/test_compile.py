@@ -123,10 +123,15 @@ def test_lean_bn_act_changes_only_the_buffers_like_batchnorm():
 
 
 def test_double_backward():
-    "A gradient of a gradient (`create_graph=True`) goes through differentiable formulas: gradgradcheck passes"
+    "A gradient of a gradient (`create_graph=True`) goes through differentiable formulas: gradgradcheck passes for both"
     x = torch.randn(2, 2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x, w: fast_depthwise(x, w, (1, 1, 1)), (x, w), fast_mode=True)
+    x = torch.randn(2, 3, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    g, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    f = lambda x, g, b: batch_norm_silu(x, g, b, rm, rv, 0.1, 1e-3)[0]
+    assert torch.autograd.gradgradcheck(f, (x, g.requires_grad_(), b.requires_grad_()), fast_mode=True)
 
 
 # ------------------------------------------------------------ torch.compile keeps the operators
