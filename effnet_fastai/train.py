@@ -38,8 +38,8 @@ def job_dls(data='shapes', ndim=3, size=24, bs=16, n_items=2400, seed=0, video=F
                       batch_tfms=None if kind == 'image' else aug)
 
 # %% ../nbs/06_train.ipynb #4fef893d
-TASKS = {'classify': dict(size=24, items=2400, bs=16, epochs=3),  # the defaults of each task
-         'segment':  dict(size=24, items=400, bs=8, epochs=8)}
+TASKS = {'classify': dict(size=24, items=2400, bs=16, epochs=3, lr=3e-3),  # the defaults of each task
+         'segment':  dict(size=24, items=400, bs=8, epochs=8, lr=2e-3)}
 
 def job_seg_dls(data='shapes', ndim=3, size=32, bs=8, n_items=400, seed=0, valid_pct=0.2, aug=True):
     "`DataLoaders` for segmenting: the synthetic `shapes` with per-voxel labels, or image/label pairs in a folder or CSV"
@@ -145,7 +145,7 @@ def main(
     size:int=0, # resize items to this size (each spatial axis); 0: the task's default (`TASKS`)
     epochs:int=0, # number of epochs of the one-cycle schedule; 0: the task's default
     bs:int=0, # batch size; 0: the task's default
-    lr:float=3e-3, # maximum learning rate
+    lr:float=0, # maximum learning rate; 0: the task's default (`TASKS`)
     fp16:store_true=False, # train in mixed precision (float16 on a GPU; bfloat16 autocast on a CPU)
     out:str='effnet_fastai_run', # folder for the exported learner, the report and the checkpoint
     seed:int=0, # random seed (data, split, initialisation, augmentation)
@@ -161,7 +161,7 @@ def main(
 ):
     "Train an EfficientNet (or a U-Net on one) with fastai and save the exported learner and a report"
     if task not in TASKS: raise ValueError(f"`--task` must be one of {list(TASKS)}, got {task!r}")
-    size, epochs, bs, items = [v or TASKS[task][k] for k, v in (('size', size), ('epochs', epochs), ('bs', bs), ('items', items))]
+    size, epochs, bs, items, lr = [v or TASKS[task][k] for k, v in (('size', size), ('epochs', epochs), ('bs', bs), ('items', items), ('lr', lr))]
     run = {k: v for k, v in locals().items() if k not in ('out', 'threads', 'resume', 'ckpt')}  # what a resumed run must repeat
     t0 = time.time()
     if threads: torch.set_num_threads(threads)
