@@ -39,7 +39,7 @@ def job_dls(data='shapes', ndim=3, size=24, bs=16, n_items=2400, seed=0, video=F
 
 # %% ../nbs/06_train.ipynb #4fef893d
 TASKS = {'classify': dict(size=24, items=2400, bs=16, epochs=3, lr=3e-3),  # the defaults of each task
-         'segment':  dict(size=24, items=400, bs=8, epochs=8, lr=2e-3)}
+         'segment':  dict(size=24, items=400, bs=4, epochs=8, lr=2e-3)}
 
 def job_seg_dls(data='shapes', ndim=3, size=32, bs=8, n_items=400, seed=0, valid_pct=0.2, aug=True):
     "`DataLoaders` for segmenting: the synthetic `shapes` with per-voxel labels, or image/label pairs in a folder or CSV"
