@@ -22,16 +22,8 @@ def run_script(script, *args, timeout=900):
 @pytest.mark.slow
 def test_bench_report(tmp_path):
     out = tmp_path / "RESULTS.md"
-    args = (
-        "--rounds",
-        "1",
-        "--no-rss",
-        "--threads",
-        "1",
-        "--only",
-        "3d_b0_64",
-        "3d_b0_clip",
-    )  # modes: test_bench_modes
+    # the eager mode only: the other modes are test_bench_modes's
+    args = ("--rounds", "1", "--no-rss", "--threads", "1", "--only", "3d_b0_64", "3d_b0_clip")
     run_script("bench.py", *args, "--out", str(out))
     md = out.read_text()
     for row in (
