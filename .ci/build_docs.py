@@ -69,6 +69,7 @@ def process_nb(path, dst, page, run_slow=False):
                 'from nbdev.showdoc import show_doc')  # as nbdev's exec_show_docs does
     for cell in nb.cells:
         if cell.cell_type != 'code' or not cell.source.strip(): continue
+        if 'nbdev_export()' in cell.source: continue  # (as nbdev's exec_show_docs: the package is not rewritten while the notebook beside this one imports it)
         d = cell.directives_
         if d.keys() & flags or d.get('eval:', [''])[0].lower() == 'false':
             why = ' '.join(sorted(d.keys() & flags)) or 'eval: false'
